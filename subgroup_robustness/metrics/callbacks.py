@@ -1,0 +1,118 @@
+"""The callback that turns predictions + batch metadata into per-group metrics on val and test."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from torch import nn
+
+from subgroup_robustness.data.groups import PRIMARY, Grouping
+from subgroup_robustness.metrics.group_metrics import GroupAccuracy, flatten_metrics
+
+
+class GroupMetrics(L.Callback):
+    """Needs ``validation_step``/``test_step`` to return ``{"preds": (B,)}``; groups come from the
+    datamodule's groupings, so the callback has no dataset knowledge of its own.
+
+    ``save_predictions`` keeps every test prediction (index, label, pred), for significance tests
+    that need no re-run."""
+
+    def __init__(self, save_predictions: bool = True):
+        self.save_predictions = save_predictions
+        self.groupings: dict[str, Grouping] = {}
+        self.metrics: dict[str, nn.ModuleDict] = {}
+        self.results: dict[str, dict[str, Any]] = {}
+        self.predictions: dict[str, list[torch.Tensor]] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "groupings"):
+            raise RuntimeError("GroupMetrics needs a GroupDataModule attached to the trainer")
+        self.groupings = dm.groupings
+
+    def _start(self, split: str, pl_module: L.LightningModule) -> None:
+        self.metrics[split] = nn.ModuleDict(
+            {name: GroupAccuracy(g.group_names) for name, g in self.groupings.items()}
+        ).to(pl_module.device)
+        self.predictions[split] = []
+
+    def _update(self, split: str, outputs: Any, batch: dict[str, torch.Tensor]) -> None:
+        preds = outputs["preds"]
+        meta, target = batch["metadata"], batch["labels"]
+        for name, metric in self.metrics[split].items():
+            metric.update(preds, target, self.groupings[name].masks(meta))
+        if self.save_predictions and split == "test":
+            self.predictions[split].append(torch.stack([batch["index"], target, preds], 1).detach().cpu())
+
+    def _end(self, split: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        flat: dict[str, float] = {}
+        result = {}
+        for name, metric in self.metrics[split].items():
+            res = metric.compute()
+            result[name] = res
+            flat.update(flatten_metrics(split, None if name == PRIMARY else name, res))
+        self.results[split] = result
+        loggable = {k: v for k, v in flat.items() if not (isinstance(v, float) and math.isnan(v))}
+        # already reduced across processes by torchmetrics: no sync_dist needed
+        pl_module.log_dict(loggable, on_step=False, on_epoch=True, sync_dist=False)
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self._start("val", pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._update("val", outputs, batch)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self._end("val", trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer, pl_module):
+        self._start("test", pl_module)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._update("test", outputs, batch)
+
+    def on_test_epoch_end(self, trainer, pl_module):
+        self._end("test", trainer, pl_module)
+
+    def test_predictions(self) -> torch.Tensor | None:
+        """(N, 3) long tensor of (example index, label, prediction), sorted by index."""
+        rows = self.predictions.get("test")
+        if not rows:
+            return None
+        t = torch.cat(rows)
+        return t[t[:, 0].argsort()]
+
+
+class BestWeights(L.Callback):
+    """Keep the best epoch's weights in memory and restore them when fitting ends, so test always
+    uses the best model (by ``monitor``) without pickled checkpoints on disk."""
+
+    def __init__(self, monitor: str = "val/acc_avg", mode: str = "max"):
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.monitor, self.mode = monitor, mode
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            raise KeyError(
+                f"BestWeights: metric {self.monitor!r} was not logged; logged keys: "
+                f"{sorted(trainer.callback_metrics)[:12]}. Set monitor.metric to one of them."
+            )
+        v = float(value)
+        better = self.best is None or (v > self.best if self.mode == "max" else v < self.best)
+        if better and not math.isnan(v):
+            self.best, self.best_epoch = v, trainer.current_epoch
+            self._state = {k: t.detach().to("cpu", copy=True) for k, t in pl_module.state_dict().items()}
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._state is not None:
+            pl_module.load_state_dict(self._state)

@@ -1,0 +1,108 @@
+"""The LightningModule: a Hugging Face sequence classifier trained with AdamW + linear schedule.
+
+Compressors that change training (distillation, QAT) attach ``loss_hooks`` instead of writing their own
+loop, so Lightning stays the only training loop."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import lightning.pytorch as L
+import torch
+from torch import nn
+
+from subgroup_robustness.models.objectives import ERM, Objective
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class SequenceClassifier(L.LightningModule):
+    def __init__(self, model: nn.Module, objective: Objective | None = None, lr: float = 2e-5,
+                 weight_decay: float = 0.0, warmup_ratio: float = 0.0, adam_eps: float = 1e-8,
+                 betas: tuple[float, float] = (0.9, 0.999), fused_adamw: bool = True,
+                 scheduler: str = "linear"):
+        super().__init__()
+        self.model = model
+        self.objective = objective if objective is not None else ERM()
+        self.lr, self.weight_decay, self.warmup_ratio = float(lr), float(weight_decay), float(warmup_ratio)
+        self.adam_eps, self.betas, self.fused_adamw = float(adam_eps), tuple(betas), bool(fused_adamw)
+        self.scheduler_name = scheduler
+        # (module, batch, outputs) -> extra loss term; set by compressors such as distillation
+        self.loss_hooks: list[Callable[[Any, dict, Any], torch.Tensor]] = []
+        self.ce_weight = 1.0
+        self.output_hidden_states = False
+        self.output_attentions = False
+
+    def forward(self, batch: dict[str, torch.Tensor], **kwargs):
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        return self.model(**inputs, **kwargs)
+
+    def training_step(self, batch, batch_idx):
+        kwargs = {}
+        if self.output_hidden_states:
+            kwargs["output_hidden_states"] = True
+        if self.output_attentions:
+            kwargs["output_attentions"] = True
+        outputs = self(batch, **kwargs)
+        loss = self.ce_weight * self.objective(outputs.logits, batch["labels"], batch["metadata"]) \
+            if self.ce_weight else outputs.logits.new_zeros(())
+        for hook in self.loss_hooks:
+            loss = loss + hook(self, batch, outputs)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True,
+                 batch_size=batch["labels"].shape[0])
+        return loss
+
+    def _eval_step(self, batch):
+        logits = self(batch).logits
+        return {"preds": logits.argmax(-1)}
+
+    def validation_step(self, batch, batch_idx):
+        return self._eval_step(batch)
+
+    def test_step(self, batch, batch_idx):
+        return self._eval_step(batch)
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch).logits
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Lightning refuses to clip for fused AdamW under autocast; with bf16 there is no loss scaler,
+        so clipping the gradients directly is exact (fp16 falls back to unfused AdamW instead)."""
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm in (None, "norm"):
+            torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None],
+                                           float(gradient_clip_val))
+        else:
+            torch.nn.utils.clip_grad_value_([p for p in self.parameters() if p.grad is not None],
+                                            float(gradient_clip_val))
+
+    def _use_fused(self, groups) -> bool:
+        precision = str(getattr(getattr(self, "_trainer", None), "precision", "32-true") or "")
+        return (self.fused_adamw and "16-mixed" != precision
+                and all(p.dtype.is_floating_point for g in groups for p in g["params"]))
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "LayerNorm" in name or "bias" in name else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        kwargs: dict[str, Any] = {"lr": self.lr, "eps": self.adam_eps, "betas": self.betas}
+        if self._use_fused(groups):
+            kwargs["fused"] = True  # one kernel for all params: ~5x faster optimizer step on CPU
+        optimizer = torch.optim.AdamW(groups, **kwargs)
+        if self.scheduler_name == "constant":
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.warmup_ratio * total)
+
+        def linear(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / max(1, warmup)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, linear)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

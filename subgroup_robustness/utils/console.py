@@ -1,0 +1,59 @@
+"""Rich console output: the config tree at start, the per-group table at the end."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.tree import Tree
+
+console = Console(highlight=False)
+
+
+def print_config_tree(cfg: DictConfig, fields: Sequence[str] = ("dataset", "model", "compressor", "objective",
+                                                               "module", "data", "trainer", "seed", "paths")) -> None:
+    tree = Tree("config", guide_style="dim")
+    for field in fields:
+        if field not in cfg:
+            continue
+        value = cfg[field]
+        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        tree.add(field).add(Syntax(text, "yaml", theme="ansi_dark", word_wrap=True))
+    console.print(tree)
+
+
+def _fmt(x: Any) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "absent"
+    return f"{100 * x:.2f}"
+
+
+def print_group_table(title: str, result: dict[str, Any], base: dict[str, Any] | None = None) -> None:
+    table = Table(title=title, title_justify="left")
+    table.add_column("group")
+    table.add_column("n", justify="right")
+    table.add_column("acc %", justify="right")
+    if base:
+        table.add_column("base acc %", justify="right")
+    worst = result.get("worst_group")
+    for name, acc in result["acc"].items():
+        row = [name + (" (worst)" if name == worst else ""), str(result["count"][name]), _fmt(acc)]
+        if base:
+            row.append(_fmt(base["acc"].get(name)))
+        table.add_row(*row, style="bold red" if name == worst else None)
+    table.add_section()
+    for key, label in (("acc_avg", "average"), ("acc_wg", "worst-group")):
+        if key in result:
+            row = [label, str(result.get("n", "")) if key == "acc_avg" else "", _fmt(result[key])]
+            if base:
+                row.append(_fmt(base.get(key)))
+            table.add_row(*row, style="bold")
+    console.print(table)
+
+
+def error(message: str) -> None:
+    console.print(f"[bold red]error:[/bold red] {message}", soft_wrap=True)

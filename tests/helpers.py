@@ -1,0 +1,132 @@
+"""Test helpers (importable as ``tests.helpers``)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+WORDS = ("the women men people are always never good bad lazy smart they those all some jewish muslim "
+         "black gay lesbian female girls guys really think know hate love stupid kind very not no").split()
+
+
+def make_tiny_bert(folder: Path, num_labels: int = 2, layers: int = 2, hidden: int = 32, heads: int = 4,
+                   corpus: Sequence[str] | None = None, seed: int = 0) -> Path:
+    """Random tiny BERT + a WordPiece tokenizer trained on a toy corpus, saved like any HF checkpoint."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    corpus = list(corpus or [" ".join(rng.choices(WORDS, k=12)) for _ in range(300)])
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok.train_from_iterator(corpus, trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=128,
+                        num_labels=num_labels)
+    model = BertForSequenceClassification(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    fast.save_pretrained(folder)
+    return folder
+
+
+REDDITBIAS_FILES = {
+    "female": "data/gender/reddit_comments_gender_female_processed_phrase_annotated.csv",
+    "lgbtq": "data/orientation/reddit_comments_orientation_lgbtq_processed_phrase_annotated.csv",
+    "black": "data/race/reddit_comments_race_black_processed_phrase_annotated.csv",
+    "jewish": "data/religion1/reddit_comments_religion1_jews_processed_phrase_annotated.csv",
+    "muslim": "data/religion2/reddit_comments_religion2_muslims_processed_phrase_annotated.csv",
+}
+
+
+def make_redditbias_root(root: Path, rows_per_identity: int = 60, seed: int = 0) -> Path:
+    """RedditBias-format CSVs (latin-1) reproducing the real quirks: labels as 1/1.0/'2'/'biased?'/blank,
+    empty comments and duplicates. The label is learnable from a keyword, so tiny models can fit it."""
+    rng = random.Random(seed)
+    for identity, rel in REDDITBIAS_FILES.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i in range(rows_per_identity):
+            label = rng.random() < 0.55
+            words = rng.choices(WORDS, k=8) + ["hate" if label else "love", identity]
+            rows.append({"id": f"x{i}", "attribute_in_window": "True", "comment": " ".join(words) + " caf\xe9",
+                         "phrase": identity, "bias_sent": ("1.0" if label else "0.0") if i % 2 else ("1" if label else "0"),
+                         "bias_phrase": "0"})
+        rows += [
+            {"id": "q1", "attribute_in_window": "True", "comment": "an odd label two", "phrase": "", "bias_sent": "2", "bias_phrase": ""},
+            {"id": "q2", "attribute_in_window": "True", "comment": "is this biased", "phrase": "", "bias_sent": "biased?", "bias_phrase": ""},
+            {"id": "q3", "attribute_in_window": "True", "comment": "not annotated", "phrase": "", "bias_sent": "", "bias_phrase": ""},
+            {"id": "q4", "attribute_in_window": "True", "comment": "   ", "phrase": "", "bias_sent": "1", "bias_phrase": ""},
+            dict(rows[0], id="dup"),  # exact duplicate comment
+        ]
+        with open(path, "w", encoding="latin-1", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
+            writer.writeheader()
+            writer.writerows(rows)
+    return root
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "config"):
+    """Compose the real config tree (with hydra runtime fields) without running the app."""
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    from subgroup_robustness.utils.resolvers import register
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hcompose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+
+
+def tiny_overrides(model_dir: Path, redditbias_root: Path, out_dir: Path, *extra: str) -> list[str]:
+    """Overrides for a seconds-long run: tiny BERT, fixture RedditBias, one short epoch, no loggers."""
+    return [
+        "model=local", f"model.path={model_dir}",
+        f"dataset.source.root={redditbias_root}",
+        "trainer.max_epochs=1", "trainer.precision=32-true", "logger=none", "print_config=false",
+        "callbacks.progress=null",
+        f"hydra.run.dir={out_dir}",
+        *extra,
+    ]
+
+
+def run_in_process(overrides: Sequence[str]):
+    """Compose and run one experiment in this process (fast: no interpreter start-up)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    from subgroup_robustness.experiment import run
+
+    cfg = compose(overrides)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = cfg.hydra.run.dir
+        del cfg["hydra"]
+    OmegaConf.resolve(cfg)
+    return run(cfg)
+
+
+def run_cli(args: Sequence[str], cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The real entry point, ``python -m subgroup_robustness``, in a subprocess."""
+    full_env = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "subgroup_robustness", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
