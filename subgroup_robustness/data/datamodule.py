@@ -268,7 +268,7 @@ class GroupDataModule(L.LightningDataModule):
             "offsets": torch.as_tensor(offsets, dtype=torch.long),
             "metadata": torch.as_tensor(df[self.columns].to_numpy().copy(), dtype=torch.long),
             "index": torch.as_tensor(df.index.to_numpy().copy(), dtype=torch.long),
-            "split": torch.as_tensor(df["split"].map({s: i for i, s in enumerate(SPLITS)}).to_numpy()),
+            "split": torch.as_tensor(df["split"].map({s: i for i, s in enumerate(SPLITS)}).to_numpy().copy()),
         }
         if pair:
             out["token_types"] = torch.from_numpy(np.concatenate(tts))

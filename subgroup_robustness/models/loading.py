@@ -57,6 +57,28 @@ def resolve_model_path(model_cfg: Mapping[str, Any]) -> tuple[str, str]:
     raise ModelUnavailableError(f"model {model_cfg.get('name')!r}: unknown source {source!r} (package, hub or local)")
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect instead of huggingface_hub's minute of retries when there is no network."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Hub sources read only the local HF cache when the hub cannot be reached."""
+    if model_cfg.get("source", "hub") == "hub" and not hub_reachable():
+        return {"local_files_only": True}
+    return {}
+
+
 def _hub_error(model_cfg: Mapping, what: str, exc: Exception) -> ModelUnavailableError:
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
     return ModelUnavailableError(
@@ -70,7 +92,7 @@ def load_tokenizer(model_cfg: Mapping[str, Any]):
 
     _, tok_path = resolve_model_path(model_cfg)
     try:
-        return AutoTokenizer.from_pretrained(tok_path, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(tok_path, trust_remote_code=False, **_hub_kwargs(model_cfg))
     except (OSError, ValueError) as exc:
         raise _hub_error(model_cfg, f"the tokenizer {tok_path!r}", exc) from None
 
@@ -86,6 +108,7 @@ def load_model(model_cfg: Mapping[str, Any], num_labels: int, label_names: list[
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
     if model_cfg.get("source") != "hub":
         kwargs["use_safetensors"] = True
+    kwargs.update(_hub_kwargs(model_cfg))
     if model_cfg.get("attn_implementation"):
         kwargs["attn_implementation"] = model_cfg["attn_implementation"]
     loggers = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers")]

