@@ -17,7 +17,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from subgroup_robustness.compression.base import STAGES, Compressor, model_figures
+from subgroup_robustness.compression.base import Compressor, model_figures
+from subgroup_robustness.compression.chain import expand_chain, validate_chain  # noqa: F401 - re-exported
 from subgroup_robustness.data.datamodule import GroupDataModule
 from subgroup_robustness.data.groups import PRIMARY
 from subgroup_robustness.metrics.callbacks import GroupMetrics
@@ -25,10 +26,12 @@ from subgroup_robustness.metrics.group_metrics import flatten_metrics
 from subgroup_robustness.models.base_cache import BaseCache, base_key
 from subgroup_robustness.models.classifier import SequenceClassifier
 from subgroup_robustness.models.loading import load_model
+from subgroup_robustness.report.significance import prediction_metadata
+from subgroup_robustness.report.wandb_log import log_summary
 from subgroup_robustness.results import RESULTS_FILE, base_record, is_completed, read_results, write_results
 from subgroup_robustness.utils.console import console, print_group_table
-from subgroup_robustness.utils.errors import ConfigError
 from subgroup_robustness.utils.io import atomic_write_bytes, stable_hash
+from subgroup_robustness.utils.perf import configure_threads
 
 log = logging.getLogger(__name__)
 
@@ -43,38 +46,8 @@ def run_identity(cfg: DictConfig) -> str:
 
 def build_stages(compressor_cfg: DictConfig) -> list[Compressor]:
     stages = [instantiate(s) for s in (compressor_cfg.get("stages") or [])]
-    validate_chain(stages)
+    validate_chain(stages, compressor_cfg.get("members"))
     return stages
-
-
-def validate_chain(stages: list[Compressor]) -> None:
-    """Reject impossible orders before any training, saying why."""
-    for s in stages:
-        if s.stage not in STAGES:
-            raise ConfigError(f"compressor {s.name!r} declares stage {s.stage!r}; expected one of {STAGES}")
-    order = [STAGES.index(s.stage) for s in stages]
-    for (a, b), (i, j) in zip(zip(stages, stages[1:]), zip(order, order[1:])):
-        if j < i:
-            raise ConfigError(
-                f"invalid compressor chain: {b.name!r} acts {b.stage} fine-tuning but comes after {a.name!r}, "
-                f"which acts {a.stage} it. Order stages before -> during -> after."
-            )
-    quant = [s.name for s in stages if s.quantizes]
-    if len(quant) > 1:
-        raise ConfigError(f"invalid compressor chain: two quantizations {quant}; an int8 model cannot be quantized again")
-    if quant:
-        last_q = max(i for i, s in enumerate(stages) if s.quantizes)
-        trains_after = [s.name for s in stages[last_q + 1:] if s.trains]
-        if trains_after:
-            raise ConfigError(
-                f"invalid compressor chain: {trains_after} fine-tune after quantization {quant[0]!r}; "
-                "int8 weights cannot be trained. Put the quantizer last."
-            )
-    for s in stages[1:]:
-        if s.start_from == "pretrained" and s.stage == "before":
-            raise ConfigError(
-                f"invalid compressor chain: {s.name!r} must act on the pretrained model, so it must come first"
-            )
 
 
 @dataclass
@@ -224,6 +197,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         rec["skipped"] = True
         return rec
     t_start = time.perf_counter()
+    configure_threads()  # one per physical core this process may use (containers, pinned jobs)
+    expand_chain(cfg)  # compressor=chain: the members' stages, before the run's identity is taken
     run = {"dataset": cfg.dataset.name, "model": cfg.model.name, "compressor": cfg.compressor.name,
            "family": cfg.compressor.get("family", "none"), "seed": int(cfg.seed),
            "objective": (cfg.get("objective") or {}).get("name", "erm"),
@@ -272,8 +247,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             import io
 
             buf = io.BytesIO()
-            np.savez_compressed(buf, **{k: evals["predictions"][:, i].numpy().astype(np.int32)
-                                        for i, k in enumerate(("index", "label", "pred"))})
+            arrays = {k: evals["predictions"][:, i].numpy().astype(np.int32)
+                      for i, k in enumerate(("index", "label", "pred"))}
+            # the test examples' label/attribute values: groups for significance tests, without a re-run
+            arrays.update(prediction_metadata(ctx.datamodule, arrays["index"]))
+            np.savez_compressed(buf, **arrays)
             atomic_write_bytes(buf_path, buf.getvalue())
             record["predictions"] = buf_path.name
         record["status"] = "completed"
@@ -289,6 +267,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             record["timing"] = {**ctx.timing, "total": time.perf_counter() - t_start}
         record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_results(res_path, record)
+        if ctx is not None and record["status"] == "completed":
+            log_summary(ctx.loggers, record)  # W&B: family tag, size/accuracy summary, per-group table
         finish_loggers(ctx.loggers if ctx else [])
         if record["status"] == "completed":
             summarize(record)

@@ -130,3 +130,71 @@ def run_cli(args: Sequence[str], cwd: Path, env: dict | None = None, timeout: fl
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "subgroup_robustness", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# ---- fake results.json files for report tests (appended by the grid/report work) -------------------------
+FAKE_DATASET = {"name": "redditbias", "label_names": ["not_biased", "biased"],
+                "attributes": {"identity": ["female", "lgbtq", "black", "jewish", "muslim"]},
+                "groupings": {"groups": {"by": ["label", "identity"]}}}
+
+
+def write_fake_run(folder: Path, *, model: str = "minilm_l6", compressor: str = "none", family: str = "none",
+                   seed: int = 1, group_acc: Sequence[float] | float = 0.8, n_per_group: int = 60,
+                   size_mb: float = 90.9, params: float = 22.7e6, experiment: str = "offline_grid",
+                   status: str = "completed", objective: str = "erm", rng_seed: int | None = None) -> dict:
+    """A results.json (+ predictions.npz with metadata) in the schema experiment.run writes, with exactly
+    round(acc * n) correct test examples per group: the report's numbers can be checked by hand."""
+    import json
+
+    import numpy as np
+
+    from subgroup_robustness.data.groups import PRIMARY, build_groupings
+    from subgroup_robustness.metrics.group_metrics import flatten_metrics
+
+    folder.mkdir(parents=True, exist_ok=True)
+    run = {"dataset": FAKE_DATASET["name"], "model": model, "compressor": compressor, "family": family,
+           "seed": seed, "objective": objective, "experiment": experiment, "task_name": "train"}
+    record = {"schema_version": 1, "status": status, "run_id": f"{model}-{compressor}-{seed}", "run": run,
+              "metrics": {}, "groups": {}, "model": {}, "base": None, "compression": {"stages": []},
+              "timing": {}, "config": {"dataset": FAKE_DATASET, "seed": seed}, "started": "2026-01-01T00:00:00",
+              "output_dir": str(folder)}
+    if status == "failed":
+        record["error"] = {"type": "RuntimeError", "message": "boom: the fake job failed", "traceback": ""}
+        record["finished"] = "2026-01-01T00:01:00"
+    if status == "completed":
+        grouping = build_groupings(FAKE_DATASET)[PRIMARY]
+        accs = [group_acc] * grouping.n_groups if isinstance(group_acc, (int, float)) else list(group_acc)
+        rng = np.random.default_rng(rng_seed if rng_seed is not None else seed)
+        meta, correct = [], []
+        for (cond, acc) in zip(grouping.conditions, accs):
+            row = [0, 0]
+            for col, value in cond:
+                row[col] = value
+            meta += [row] * n_per_group
+            hits = np.zeros(n_per_group, bool)
+            hits[rng.choice(n_per_group, int(round(acc * n_per_group)), replace=False)] = True
+            correct.append(hits)
+        meta, correct = np.asarray(meta, np.int16), np.concatenate(correct)
+        # dataset row ids (the same example has the same id in every run), not in test order
+        index = np.random.default_rng(12345).permutation(len(meta)).astype(np.int32)
+        label = meta[:, 0].astype(np.int32)
+        pred = np.where(correct, label, 1 - label).astype(np.int32)
+        order = np.argsort(index)
+        np.savez_compressed(folder / "predictions.npz", index=index[order], label=label[order], pred=pred[order],
+                            metadata=meta[order], metadata_columns=np.asarray(["label", "identity"]))
+        import torch
+
+        masks = grouping.masks(torch.as_tensor(meta.astype(np.int64))).numpy()
+        n_g, c_g = masks.sum(0), (masks & correct[:, None]).sum(0)
+        acc_g = {name: float(c / n) for name, c, n in zip(grouping.group_names, c_g, n_g)}
+        worst = min(acc_g, key=acc_g.get)
+        res = {"acc_avg": float(correct.mean()), "acc_wg": acc_g[worst], "worst_group": worst, "acc": acc_g,
+               "count": {k: int(v) for k, v in zip(grouping.group_names, n_g)}, "n": int(len(correct))}
+        record["groups"] = {"test": {PRIMARY: res}, "val": {PRIMARY: res}}
+        record["metrics"] = {"test": flatten_metrics("test", None, res), "val": flatten_metrics("val", None, res)}
+        record["model"] = {"params": params, "size_mb": size_mb, "size_bytes": int(size_mb * 1e6)}
+        record["predictions"] = "predictions.npz"
+        record["finished"] = f"2026-01-01T00:{seed:02d}:00"
+        record["timing"] = {"total": 12.5}
+    (folder / "results.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+    return record

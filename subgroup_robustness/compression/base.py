@@ -62,8 +62,9 @@ def state_dict_bytes(model: nn.Module) -> int:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Float parameters, as the paper counts them (packed int8 weights are not nn.Parameters)."""
-    return sum(p.numel() for p in model.parameters())
+    """Float parameters, as the paper counts them (packed int8 weights are not nn.Parameters; torchao's
+    int8 weights are, but store their data in ``qdata``)."""
+    return sum(p.numel() for p in model.parameters() if getattr(p, "qdata", p).dtype.is_floating_point)
 
 
 def weight_dtypes(model: nn.Module) -> dict[str, int]:

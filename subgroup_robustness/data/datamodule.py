@@ -12,13 +12,14 @@ import lightning.pytorch as L
 import numpy as np
 import pandas as pd
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from subgroup_robustness.data.groups import PRIMARY, Grouping, build_groupings, metadata_columns
 from subgroup_robustness.data.sources.common import SPLITS
-from subgroup_robustness.utils.errors import CorruptDataError
+from subgroup_robustness.utils.errors import CorruptDataError, UserError
 from subgroup_robustness.utils.io import atomic_write_bytes, file_lock, stable_hash
 
 log = logging.getLogger(__name__)
@@ -205,7 +206,12 @@ class GroupDataModule(L.LightningDataModule):
 
     def load_table(self) -> pd.DataFrame:
         if self.table is None:
-            df = instantiate(self.cfg["source"])
+            try:
+                df = instantiate(self.cfg["source"])
+            except InstantiationException as exc:  # Hydra wraps the source's errors; a UserError must reach the user
+                if isinstance(exc.__cause__, UserError):
+                    raise exc.__cause__ from None
+                raise
             validate_table(df, self.cfg)
             df = df.reset_index(drop=True)
             for col in self.columns:

@@ -27,11 +27,12 @@ class BaseCache:
         return (self.entry(key) / MARKER).exists()
 
     def load(self, key: str):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from subgroup_robustness.compression.pruning import load_pruned
 
         folder = self.entry(key)
-        model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True,
-                                                                   trust_remote_code=False)
+        model = load_pruned(folder)  # from_pretrained, or the recorded head-pruned shape first
         tokenizer = AutoTokenizer.from_pretrained(folder)
         return model, tokenizer, read_json(folder / MARKER)
 

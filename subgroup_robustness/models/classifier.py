@@ -20,7 +20,7 @@ class SequenceClassifier(L.LightningModule):
     def __init__(self, model: nn.Module, objective: Objective | None = None, lr: float = 2e-5,
                  weight_decay: float = 0.0, warmup_ratio: float = 0.0, adam_eps: float = 1e-8,
                  betas: tuple[float, float] = (0.9, 0.999), fused_adamw: bool = True,
-                 scheduler: str = "linear"):
+                 scheduler: str = "linear", compile: bool = False):
         super().__init__()
         self.model = model
         self.objective = objective if objective is not None else ERM()
@@ -32,10 +32,24 @@ class SequenceClassifier(L.LightningModule):
         self.ce_weight = 1.0
         self.output_hidden_states = False
         self.output_attentions = False
+        # torch.compile of the training forward only: evaluation stays eager (no second compile for
+        # inference mode, and quantized models are never traced)
+        self.compile_model = bool(compile)
+        self._compiled: tuple[nn.Module, Callable] | None = None
 
     def forward(self, batch: dict[str, torch.Tensor], **kwargs):
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         return self.model(**inputs, **kwargs)
+
+    def _train_forward(self, batch: dict[str, torch.Tensor], **kwargs):
+        if not self.compile_model:
+            return self(batch, **kwargs)
+        if self._compiled is None or self._compiled[0] is not self.model:
+            # dynamic: bucketed batches change the sequence length every step; one graph serves them all.
+            # A tuple is not registered as a submodule, so state_dict keys stay those of the plain model.
+            self._compiled = (self.model, torch.compile(self.model, dynamic=True))
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        return self._compiled[1](**inputs, **kwargs)
 
     def training_step(self, batch, batch_idx):
         kwargs = {}
@@ -43,7 +57,7 @@ class SequenceClassifier(L.LightningModule):
             kwargs["output_hidden_states"] = True
         if self.output_attentions:
             kwargs["output_attentions"] = True
-        outputs = self(batch, **kwargs)
+        outputs = self._train_forward(batch, **kwargs)
         loss = self.ce_weight * self.objective(outputs.logits, batch["labels"], batch["metadata"]) \
             if self.ce_weight else outputs.logits.new_zeros(())
         for hook in self.loss_hooks:
@@ -51,6 +65,11 @@ class SequenceClassifier(L.LightningModule):
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True,
                  batch_size=batch["labels"].shape[0])
         return loss
+
+    def on_train_epoch_end(self):
+        values = self.objective.epoch_log() if hasattr(self.objective, "epoch_log") else {}
+        if values:  # e.g. group DRO's weights, train/dro_q/<group>
+            self.log_dict(values, on_step=False, on_epoch=True)
 
     def _eval_step(self, batch):
         logits = self(batch).logits

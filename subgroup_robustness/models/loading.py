@@ -92,7 +92,8 @@ def load_tokenizer(model_cfg: Mapping[str, Any]):
 
     _, tok_path = resolve_model_path(model_cfg)
     try:
-        return AutoTokenizer.from_pretrained(tok_path, trust_remote_code=False, **_hub_kwargs(model_cfg))
+        kwargs = {"tokenizer_type": model_cfg["model_type"]} if model_cfg.get("model_type") else {}
+        return AutoTokenizer.from_pretrained(tok_path, trust_remote_code=False, **kwargs, **_hub_kwargs(model_cfg))
     except (OSError, ValueError) as exc:
         raise _hub_error(model_cfg, f"the tokenizer {tok_path!r}", exc) from None
 
@@ -119,6 +120,8 @@ def load_model(model_cfg: Mapping[str, Any], num_labels: int, label_names: list[
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        if model_cfg.get("model_type"):
+            _explicit_config(model_cfg["model_type"], path, kwargs)
         model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise _hub_error(model_cfg, f"the weights {path!r}", exc) from None
@@ -126,6 +129,16 @@ def load_model(model_cfg: Mapping[str, Any], num_labels: int, label_names: list[
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
     return model, load_tokenizer(model_cfg)
+
+
+def _explicit_config(model_type: str, path: str, kwargs: dict[str, Any]) -> None:
+    """Checkpoints older than config.json's ``model_type`` key (prajjwal1/bert-*) cannot be resolved by
+    the Auto classes of transformers 5, which dropped the guess from the repository name."""
+    from transformers import CONFIG_MAPPING
+
+    moved = {k: kwargs.pop(k) for k in ("num_labels", "id2label", "label2id") if k in kwargs}
+    local = {"local_files_only": True} if kwargs.get("local_files_only") else {}
+    kwargs["config"] = CONFIG_MAPPING[model_type].from_pretrained(path, **moved, **local)
 
 
 def hf_offline_env() -> None:

@@ -1,0 +1,120 @@
+"""``python -m subgroup_robustness.data [overrides]``: what a dataset config yields, before any training.
+
+It composes the same Hydra config as a run (same overrides: ``dataset=multinli dataset.source.path=...``,
+``debug=tiny``, ...), loads the normalized table and prints the split sizes and, for every grouping,
+the examples per group and split. Overlapping groupings also show how many examples are in no group.
+``--json`` prints the same numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Sequence
+
+import torch
+from omegaconf import DictConfig
+
+from subgroup_robustness.data.sources.common import SPLITS
+from subgroup_robustness.utils.errors import UserError
+
+USAGE = """usage: python -m subgroup_robustness.data [--json] [hydra overrides ...]
+
+Prints split sizes and per-group counts for the composed dataset config, e.g.
+  python -m subgroup_robustness.data                       (the offline default, RedditBias)
+  python -m subgroup_robustness.data dataset=multinli dataset.source.path=../shared/data/multinli/dev_matched.jsonl
+  python -m subgroup_robustness.data dataset=civilcomments dataset.source.path=<wilds>/civilcomments_v1.0
+"""
+
+
+def compose_config(overrides: Sequence[str]) -> DictConfig:
+    """The run's own config tree, from the packaged conf directory."""
+    from hydra import compose, initialize_config_module
+
+    from subgroup_robustness.utils.resolvers import register
+
+    register()
+    with initialize_config_module(config_module="subgroup_robustness.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def summarize(cfg: DictConfig) -> dict[str, Any]:
+    """Split sizes and per-group counts (one example may count in several overlapping groups)."""
+    from subgroup_robustness.data.datamodule import GroupDataModule
+
+    dm = GroupDataModule(dataset=cfg.dataset, seed=int(cfg.get("seed", 0)))
+    df = dm.load_table()
+    out: dict[str, Any] = {
+        "dataset": dm.name,
+        "labels": list(dm.cfg["label_names"]),
+        "split_sizes": {s: int((df["split"] == s).sum()) for s in SPLITS},
+        "groupings": {},
+    }
+    meta = torch.as_tensor(df[dm.columns].to_numpy().copy(), dtype=torch.long)
+    for name, grouping in dm.groupings.items():
+        counts = dm.group_counts(name)
+        none = (~grouping.masks(meta).any(1)).numpy()
+        out["groupings"][name] = {
+            "disjoint": grouping.disjoint,
+            "counts": {g: {k: int(v) for k, v in row.items()} for g, row in counts.to_dict(orient="index").items()},
+            "in_no_group": {s: int(none[(df["split"] == s).to_numpy()].sum()) for s in SPLITS},
+        }
+    return out
+
+
+def render(summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from subgroup_robustness.utils.console import console
+
+    total = sum(summary["split_sizes"].values())
+    console.print(f"[bold]{summary['dataset']}: split sizes[/bold]")
+    sizes = Table()
+    sizes.add_column("split")
+    sizes.add_column("examples", justify="right")
+    sizes.add_column("share", justify="right")
+    for split, n in summary["split_sizes"].items():
+        sizes.add_row(split, f"{n:,}", f"{100 * n / total:.1f}%" if total else "-")
+    sizes.add_section()
+    sizes.add_row("all", f"{total:,}", "")
+    console.print(sizes)
+    for name, g in summary["groupings"].items():
+        kind = "disjoint" if g["disjoint"] else "overlapping: one example may count in several groups"
+        console.print(f"[bold]{summary['dataset']}: grouping '{name}' ({len(g['counts'])} groups, {kind})[/bold]",
+                      soft_wrap=True)
+        table = Table()
+        table.add_column("group")
+        for col in (*SPLITS, "all"):
+            table.add_column(col, justify="right")
+        for group, row in g["counts"].items():
+            smallest = min(row[s] for s in SPLITS)
+            style = "bold red" if smallest == 0 else None
+            table.add_row(group, *(f"{row[c]:,}" for c in (*SPLITS, "all")), style=style)
+        none = g["in_no_group"]
+        if any(none.values()):
+            table.add_section()
+            table.add_row("(in no group)", *(f"{none[s]:,}" for s in SPLITS), f"{sum(none.values()):,}", style="dim")
+        console.print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
+    as_json = "--json" in args
+    overrides = [a for a in args if a != "--json"]
+    from subgroup_robustness.utils.console import error
+    from subgroup_robustness.utils.env import quiet_third_party
+
+    quiet_third_party()
+    try:
+        summary = summarize(compose_config(overrides))
+    except UserError as exc:
+        error(str(exc))
+        return 2
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        render(summary)
+    return 0

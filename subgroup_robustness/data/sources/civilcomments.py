@@ -1,0 +1,161 @@
+"""CivilComments-WILDS (Borkan et al. 2019; Koh et al., ICML 2021): the WILDS release of the Jigsaw
+comments, ``all_data_with_identities.csv``, as the paper's code (and WILDS, and JTT) read it.
+
+Label = ``toxicity >= 0.5``. Attributes, each thresholded at >= 0.5: ``identity_any`` and the 8 WILDS
+identities (male, female, LGBTQ, christian, muslim, other_religions, black, white). Splits = the CSV's
+``split`` column. The dataset config defines two groupings: the paper's 4 disjoint groups
+(toxic x identity_any) and WILDS' 16 overlapping ones (each identity = 1 x label); a comment that
+mentions no identity counts in the average but in none of the 16.
+
+With no ``path`` the WILDS CodaLab bundle (a 90.6 MB tar.gz) is downloaded once into the cache. No
+checksum of it is published; the gzip CRC is verified, so a cut or garbled download is detected.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tarfile
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from subgroup_robustness.data.sources.common import SPLITS, download_url
+from subgroup_robustness.data.sources.multinli import archive_advice, download_failure
+from subgroup_robustness.utils.errors import CorruptDataError, DataUnavailableError
+from subgroup_robustness.utils.io import file_lock
+
+NAME = "civilcomments"
+CSV_NAME = "all_data_with_identities.csv"
+URL = "https://worksheets.codalab.org/rest/bundles/0x8cd3de0634154aeaad2ee6eb96723c6e/contents/blob/"
+IDENTITIES = ("male", "female", "LGBTQ", "christian", "muslim", "other_religions", "black", "white")
+SCORES = ("toxicity", *IDENTITIES, "identity_any")
+COLUMNS = ("comment_text", "split", *SCORES)
+
+HOW_TO_POINT = (
+    f"Set dataset.source.path to WILDS' {CSV_NAME} (or the folder holding it, e.g. <wilds root>/civilcomments_v1.0)."
+)
+
+
+def find_csv(path: Path) -> Path:
+    if path.is_file():
+        return path
+    for candidate in (path / CSV_NAME, path / "civilcomments_v1.0" / CSV_NAME):
+        if candidate.exists():
+            return candidate
+    raise DataUnavailableError(f"{NAME}: no {CSV_NAME} in {path}. {HOW_TO_POINT}")
+
+
+def verify_gzip(archive: Path) -> None:
+    """Read the whole stream: a truncated file ends early, a garbled one fails its CRC."""
+    with open(archive, "rb") as fh:
+        if fh.read(2) != b"\x1f\x8b":
+            raise CorruptDataError(f"{NAME}: {archive} is not a gzip archive.")
+    try:
+        with gzip.open(archive, "rb") as fh:
+            while fh.read(1 << 22):
+                pass
+    except (EOFError, OSError, zlib.error) as exc:
+        raise CorruptDataError(f"{NAME}: {archive} is corrupt or truncated ({exc}).") from None
+
+
+def extract_csv(archive: Path, dest: Path) -> Path:
+    verify_gzip(archive)
+    try:
+        with tarfile.open(archive, "r:gz") as tf:
+            member = next((m for m in tf if m.isfile() and Path(m.name).name == CSV_NAME), None)
+            if member is None:
+                raise CorruptDataError(f"{NAME}: {archive} holds no {CSV_NAME}; it is not the WILDS bundle.")
+            src = tf.extractfile(member)
+            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                os.replace(tmp, dest)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+    except tarfile.TarError as exc:
+        raise CorruptDataError(f"{NAME}: {archive} is not a readable tar archive ({exc}).") from None
+    return dest
+
+
+def fetch(cache_dir: Path, url: str = URL) -> Path:
+    dest = cache_dir / CSV_NAME
+    if dest.exists():
+        return dest
+    archive = cache_dir / "archive.tar.gz"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with file_lock(cache_dir / ".civilcomments.lock"):
+        if dest.exists():
+            return dest
+        if not archive.exists():
+            try:
+                download_url(url, archive, what=NAME)
+            except DataUnavailableError as exc:
+                raise DataUnavailableError(
+                    f"{NAME}: no local copy is configured and the download failed ({download_failure(exc, NAME)}). "
+                    f"{HOW_TO_POINT} "
+                    f"Or place {CSV_NAME} in {cache_dir}."
+                ) from None
+        with archive_advice(archive, cached=True):
+            extract_csv(archive, dest)
+        archive.unlink()
+    return dest
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) in (b"\n", b"\r")
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    if path.stat().st_size == 0 or not _ends_with_newline(path):
+        raise CorruptDataError(f"{NAME}: {path} is empty or does not end with a line break: it is truncated. Replace it.")
+    try:
+        raw = pd.read_csv(
+            path, usecols=lambda c: c in COLUMNS, dtype={"comment_text": str, "split": str},
+            keep_default_na=False, na_values={c: [""] for c in SCORES},  # a comment reading "NA" stays text
+        )
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise CorruptDataError(f"{NAME}: cannot parse {path} ({exc}). Replace it with a fresh copy.") from None
+    missing = [c for c in COLUMNS if c not in raw.columns]
+    if missing:
+        raise CorruptDataError(f"{NAME}: {path} has no column(s) {missing}; is it WILDS' {CSV_NAME}?")
+    return raw
+
+
+def load(cache_dir: str | Path, path: str | Path | None = None, url: str = URL, threshold: float = 0.5) -> pd.DataFrame:
+    """The normalized table: text, label (toxic), identity_any, the 8 identities, split."""
+    cache_dir = Path(cache_dir).expanduser()
+    if path:
+        src = Path(path).expanduser()
+        if not src.exists():
+            raise DataUnavailableError(f"{NAME}: dataset.source.path={path} does not exist. {HOW_TO_POINT}")
+        csv_path = find_csv(src)
+    else:
+        csv_path = fetch(cache_dir, url)
+    raw = read_table(csv_path)
+    scores = raw[list(SCORES)].apply(pd.to_numeric, errors="coerce")
+    bad = scores["toxicity"].isna()
+    if bad.any():
+        raise CorruptDataError(
+            f"{NAME}: {csv_path} row {int(np.flatnonzero(bad)[0]) + 2} has no numeric toxicity: the file is corrupt."
+        )
+    bad_split = ~raw["split"].isin(SPLITS)
+    if bad_split.any():
+        raise CorruptDataError(
+            f"{NAME}: {csv_path} has split values {sorted(set(raw['split'][bad_split].astype(str)))[:5]}; "
+            f"expected {list(SPLITS)}."
+        )
+    out = pd.DataFrame({"text": raw["comment_text"].fillna("").astype(str), "label": (scores["toxicity"] >= threshold)})
+    for col in ("identity_any", *IDENTITIES):
+        out[col] = scores[col] >= threshold  # an unannotated (blank) identity counts as absent, as in WILDS
+    out = out.astype({c: int for c in out.columns if c != "text"})
+    out["split"] = raw["split"].to_numpy()
+    return out

@@ -1,0 +1,64 @@
+"""python -m subgroup_robustness.report <sweep or results folder>... [-o OUT] [--n-boot N] [--no-plots]"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.markup import escape
+
+from subgroup_robustness.utils.console import console, error
+from subgroup_robustness.utils.errors import UserError
+
+
+CONSOLE_COLUMNS = ["Setting", "Size (MB)", "Avg acc", "Worst-group acc", "Δ WGA", "Δ WGA 95% CI"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m subgroup_robustness.report",
+                                     description="Tables, plots and significance from results.json files.")
+    parser.add_argument("paths", nargs="+", help="sweep folders, results folders (e.g. logs) or results.json files")
+    parser.add_argument("-o", "--out", help="output folder (default: <first path>/report)")
+    parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--no-plots", action="store_true", help="tables only")
+    args = parser.parse_args(argv)
+    if args.n_boot < 100:
+        parser.error("--n-boot must be at least 100 for a 95% interval")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from subgroup_robustness.report import write_report
+    from subgroup_robustness.report.collect import status_counts
+    from subgroup_robustness.report.tables import display_table
+
+    try:
+        rep = write_report(args.paths, args.out, n_boot=args.n_boot, seed=args.seed, plots=not args.no_plots)
+    except UserError as exc:
+        error(str(exc))
+        return 2
+    runs, summary = rep["collection"].runs, rep["summary"]
+    counts = status_counts(runs)
+    console.print("runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    for _, r in runs[runs["status"] != "completed"].iterrows():
+        err = r["error"] if isinstance(r["error"], str) else ""
+        console.print(f"  [yellow]{r['status']}[/yellow] " + escape(f"{r['setting']} seed {r['seed']} {err} ({r['dir']})"),
+                      soft_wrap=True)
+    for (exp, ds), part in summary.groupby(["experiment", "dataset"], sort=True) if len(summary) else []:
+        from rich.table import Table
+
+        table = Table(title=f"{exp}: {ds}", title_justify="left")
+        shown = display_table(part)[CONSOLE_COLUMNS]
+        for c in shown.columns:
+            table.add_column(c, justify="left" if c in ("Setting", "Family") else "right")
+        for row in shown.itertuples(index=False):
+            table.add_row(*map(str, row))
+        console.print(table)
+    if len(summary):
+        console.print("Δ: percentage points against the base of the same seed; * = 95% interval excludes zero")
+    console.print(f"report: {rep['out'] / 'report.md'} ({len(rep['tables'])} tables, {len(rep['plots'])} plots)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Thread settings for small and shared machines.
+
+PyTorch sizes its thread pool from the whole host. In a container with a CPU quota, or a job pinned to a
+few cores, that oversubscribes the cores and every step slows down. So the framework uses one thread per
+physical core that this process may run on, capped by the cgroup quota. ``OMP_NUM_THREADS`` or
+``SR_NUM_THREADS`` override it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+
+def _affinity() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by the cgroup (v2 ``cpu.max`` or v1 ``cfs_quota_us``); None when unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def physical_cores(cpus: list[int] | None = None, sysfs: Path = Path("/sys/devices/system/cpu"),
+                   cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """Distinct physical cores among ``cpus`` (default: this process's affinity), capped by the quota."""
+    cpus = _affinity() if cpus is None else cpus
+    cores = set()
+    for cpu in cpus:
+        topo = sysfs / f"cpu{cpu}" / "topology"
+        try:
+            cores.add((topo / "physical_package_id").read_text().strip() + ":" + (topo / "core_id").read_text().strip())
+        except OSError:
+            cores.add(f"cpu{cpu}")  # no topology: count logical CPUs
+    n = max(1, len(cores))
+    quota = _cgroup_quota(cgroup)
+    if quota is not None:
+        n = min(n, max(1, math.ceil(quota)))
+    return n
+
+
+def configure_threads() -> int:
+    """Set torch's intra-op threads once per process; returns the count in use."""
+    import torch
+
+    if os.environ.get("SR_NUM_THREADS"):
+        n = max(1, int(os.environ["SR_NUM_THREADS"]))
+    elif os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    else:
+        n = physical_cores()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n

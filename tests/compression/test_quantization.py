@@ -1,0 +1,169 @@
+"""dq / sq / qat leave int8 Linear weights, keep the logits of the fp32 model, shrink the saved file by
+the expected amount, and QAT trains with fake quantization before converting."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification
+
+from subgroup_robustness.compression.base import count_parameters, model_figures, state_dict_bytes
+from subgroup_robustness.compression.quantization import (
+    DynamicInt8,
+    QuantizationAwareTraining,
+    StaticInt8,
+    calibrate,
+    convert_qat,
+    dynamic_int8,
+    prepare_qat,
+    quantized_linears,
+    static_int8,
+)
+from subgroup_robustness.utils.errors import ConfigError
+
+INT8 = ("torch.int8", "torch.qint8")
+
+
+def tiny(seed: int = 0, hidden: int = 64, inter: int = 128, vocab: int = 200, labels: int = 3):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=inter, max_position_embeddings=64, num_labels=labels)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def batch(n: int = 128, t: int = 12, seed: int = 0, vocab: int = 200) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (n, t), generator=g)
+    mask = torch.ones_like(ids)
+    mask[::3, t // 2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(**x).logits
+
+
+def linear_weight_count(model) -> int:
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+@pytest.mark.parametrize("backend", ["torchao", "torch.ao"])
+def test_dq_linear_weights_are_int8_and_logits_match_fp32(backend):
+    m = tiny()
+    x = batch()
+    ref = logits(m, x)
+    q = dynamic_int8(copy.deepcopy(m), backend=backend)
+    dtypes = quantized_linears(q)
+    assert len(dtypes) == 2 * 6 + 2 and all(v in INT8 for v in dtypes.values()), dtypes
+    out = logits(q, x)
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
+    assert count_parameters(q) < count_parameters(m)  # int8 weights are not counted as float parameters
+
+
+@pytest.mark.parametrize("backend", ["torchao", "torch.ao"])
+def test_int8_file_shrinks_by_three_bytes_per_linear_weight(backend):
+    m = tiny(hidden=128, inter=512, vocab=100)
+    n_linear = linear_weight_count(m)
+    saved = state_dict_bytes(m) - state_dict_bytes(dynamic_int8(copy.deepcopy(m), backend=backend))
+    # fp32 -> int8 saves 3 of 4 bytes per Linear weight, minus the per-row (or per-tensor) scales
+    assert 0.9 * 3 * n_linear <= saved <= 3 * n_linear
+
+
+def test_dq_can_keep_the_classifier_fp32():
+    q = dynamic_int8(tiny(), quantize_classifier=False)
+    dtypes = quantized_linears(q)
+    assert dtypes.pop("classifier") == "torch.float32"
+    assert all(v in INT8 for v in dtypes.values())
+
+
+def test_torch_ao_backend_is_quiet():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q = dynamic_int8(tiny(), backend="torch.ao")
+    assert not [w for w in caught if "deprecated" in str(w.message).lower()]
+    assert all(v == "torch.qint8" for v in quantized_linears(q).values())
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(ConfigError, match="backend"):
+        DynamicInt8(backend="fbgemm")
+    with pytest.raises(ConfigError, match="calibration_batches"):
+        StaticInt8(calibration_batches=0)
+    with pytest.raises(ConfigError, match="observer"):
+        calibrate(tiny(), [batch(4)], observer="percentile")
+    with pytest.raises(ConfigError, match="no calibration batches"):
+        calibrate(tiny(), [])
+
+
+def test_sq_calibrates_every_linear_and_stays_close():
+    m = tiny()
+    calib = [batch(16, seed=s) for s in range(3)]
+    qparams, seen = calibrate(copy.deepcopy(m), calib)
+    assert seen == 48 and len(qparams) == 2 * 6 + 2
+    assert qparams["classifier"][0].shape == (1, 1) and qparams["bert.encoder.layer.0.attention.self.query"][0].shape == (1, 1, 1)
+    q = static_int8(copy.deepcopy(m), qparams)
+    assert all(v == "torch.int8" for v in quantized_linears(q).values())
+    w = q.classifier.weight
+    assert torch.equal(w.act_quant_scale, qparams["classifier"][0])  # the input scale is fixed, not per batch
+    x = batch(seed=9)
+    ref, out = logits(m, x), logits(q, x)
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_minmax_observer_scale_is_the_observed_range():
+    m = tiny()
+    seen = {}
+    m.classifier.register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0].detach().clone()))
+    qparams, _ = calibrate(m, [batch(32)], observer="minmax")
+    x = seen["x"]
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale, zp = qparams["classifier"]
+    assert float(scale) == pytest.approx((hi - lo) / 255, rel=1e-5)
+    assert int(zp) == pytest.approx(-128 - lo / float(scale), abs=1)
+
+
+def test_qat_trains_with_fake_quantization_then_converts_to_int8():
+    from torchao.quantization.qat import FakeQuantizedLinear
+
+    m = tiny()
+    prepare_qat(m)
+    assert sum(isinstance(mod, FakeQuantizedLinear) for mod in m.modules()) == 2 * 6 + 2
+    m.train()
+    before = m.classifier.weight.detach().clone()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    x = batch(16)
+    loss = m(**x, labels=torch.arange(16) % 3).loss
+    loss.backward()
+    assert m.bert.encoder.layer[0].attention.self.query.weight.grad is not None  # gradients pass the fake quant
+    opt.step()
+    assert not torch.equal(m.classifier.weight.detach(), before)
+    m.eval()
+    fake = logits(m, x)
+    q = convert_qat(m)
+    assert all(v == "torch.int8" for v in quantized_linears(q).values())
+    assert not any(isinstance(mod, FakeQuantizedLinear) for mod in q.modules())
+    real = logits(q, x)
+    # what was trained is what runs: int8 kernels reproduce the fake-quantized forward
+    assert (real - fake).abs().max() < 0.05 * fake.abs().max()
+
+
+def test_compressors_declare_cpu_evaluation_and_report(tmp_path):
+    m = tiny()
+    ctx = SimpleNamespace(model=m, datamodule=None)
+    comp = DynamicInt8(latency_batches=0)
+    comp.apply(ctx)
+    rep = comp.report(ctx)
+    assert rep["int8_linear_layers"] == 14 and rep["fp32_linear_layers"] == []
+    assert comp.quantizes and comp.eval_on_cpu and not comp.trains and comp.start_from == "finetuned"
+    qat = QuantizationAwareTraining()
+    assert qat.stage == "during" and qat.start_from == "pretrained" and qat.trains and qat.eval_on_cpu
+    figures = model_figures(ctx.model)
+    assert figures["weight_dtypes"]["torch.int8"] == linear_weight_count(tiny())
