@@ -20,13 +20,13 @@ from common import (StepClock, compose, framework, lightning_clock, main, median
                     throughput)
 
 
-def run_framework(ctx, base, clock: StepClock, **module_overrides) -> None:
+def run_framework(ctx, base, clock: StepClock, trainer_overrides: dict | None = None, **module_overrides) -> None:
     from hydra.utils import instantiate
 
     ctx.model = copy.deepcopy(base)
     ctx.model.train()
     module = instantiate(ctx.cfg.module, **module_overrides)(model=ctx.model, objective=instantiate(ctx.cfg.objective))
-    trainer = ctx.trainer(training=True, max_steps=clock.steps)
+    trainer = ctx.trainer(training=True, max_steps=clock.steps, **(trainer_overrides or {}))
     trainer.callbacks.append(lightning_clock(clock))
     trainer.fit(module, datamodule=ctx.datamodule)
 
@@ -74,7 +74,7 @@ def run_hf(ctx, base, clock: StepClock, tuned: bool = False) -> None:
             output_dir=out, per_device_train_batch_size=int(cfg.data.batch_size), learning_rate=float(cfg.module.lr),
             weight_decay=float(cfg.module.weight_decay), max_steps=clock.steps, lr_scheduler_type="linear",
             max_grad_norm=float(cfg.trainer.gradient_clip_val or 0.0), logging_strategy="no", save_strategy="no",
-            report_to="none", use_cpu=not _cuda(), disable_tqdm=True, seed=int(cfg.seed), dataloader_num_workers=0,
+            report_to="none", use_cpu=not _cuda(), disable_tqdm=True, seed=int(ctx.datamodule.seed), dataloader_num_workers=0,
             bf16=tuned, train_sampling_strategy="group_by_length" if tuned else "random",
         )
         trainer = Trainer(model=copy.deepcopy(base), args=args, train_dataset=TokenizedItems(ctx.datamodule.splits["train"]),
@@ -96,20 +96,26 @@ CONTENDERS = {
 }
 
 
-def run(quick: bool = False, rounds: str | None = None, overrides: str = "") -> dict:
+def run(quick: bool = False, rounds: str | None = None, overrides: str = "", only: str = "",
+        steps: str = "") -> dict:
+    """``only``: indices of CONTENDERS to run (e.g. 0,1); ``steps``: warmup,windows,window."""
     rounds_n = int(rounds or (1 if quick else 3))
     warmup, windows, window = (1, 1, 2) if quick else (4, 2, 12)
+    if steps:
+        warmup, windows, window = (int(x) for x in steps.split(","))
+    names = [n for i, n in enumerate(CONTENDERS) if not only or str(i) in only.split(",")]
     # early stopping has no per-step hook; it would only complain that the timed steps end before validation
     cfg = compose(["callbacks.early_stopping=null", *[o for o in overrides.split(",") if o]])
     ctx = framework(cfg)
     base = copy.deepcopy(ctx.model)
-    rates: dict[str, list[float]] = {k: [] for k in CONTENDERS}
-    tokens: dict[str, list[float]] = {k: [] for k in CONTENDERS}
+    rates: dict[str, list[float]] = {k: [] for k in names}
+    tokens: dict[str, list[float]] = {k: [] for k in names}
     data_share = []
     seed = int(cfg.seed)
     for r in range(rounds_n):
         ctx.datamodule.seed = seed + r  # each round times other batches; within a round all see the same data
-        for name, fn in CONTENDERS.items():
+        for name in names:
+            fn = CONTENDERS[name]
             clock = StepClock(warmup, windows, window)
             extra = fn(ctx, base, clock)
             stats = clock.window_stats()
@@ -120,20 +126,23 @@ def run(quick: bool = False, rounds: str | None = None, overrides: str = "") -> 
                                   windows * window / clock.steps)
             print(f"round {r + 1}/{rounds_n} {name}: {rates[name][-1]:.1f} examples/s", flush=True)
             gc.collect()
-    fw, plain, hf = (median(rates[k]) for k in list(CONTENDERS)[:3])
+    keys = list(CONTENDERS)
+    fw, plain, hf = (median(rates.get(k, [])) for k in keys[:3])
+    ref = hf if hf == hf else float("nan")
     rows = []
-    for name in CONTENDERS:
+    for name in names:
         m = median(rates[name])
         rows.append({"contender": name, "examples/s (median)": m, "rounds": " / ".join(f"{x:.0f}" for x in rates[name]),
                      "spread": spread(rates[name]), "padded tokens/example": median(tokens[name]),
-                     "vs HF Trainer": m / hf})
-    summary = {"framework_ex_s": fw, "plain_ex_s": plain, "hf_ex_s": hf, "speedup_vs_hf": fw / hf,
+                     "vs HF Trainer": m / ref})
+    summary = {"framework_ex_s": fw, "plain_ex_s": plain, "hf_ex_s": hf, "speedup_vs_hf": fw / ref,
                "overhead_vs_plain": 1 - fw / plain, "precision": str(cfg.trainer.precision)}
     notes = [
-        f"framework / HF Trainer = **{fw / hf:.2f}x**; framework overhead over the plain loop = "
+        f"framework / HF Trainer = **{fw / ref:.2f}x**; framework overhead over the plain loop = "
         f"**{100 * (1 - fw / plain):+.1f} %** (negative: the framework was faster)",
         f"framework precision: {cfg.trainer.precision} (auto-detected); batch {cfg.data.batch_size}, lr {cfg.module.lr}; "
-        f"{rounds_n} rounds x {windows} windows x {window} steps after {warmup} warm-up steps per contender",
+        f"{rounds_n} rounds x {windows} windows x {window} steps after {warmup} warm-up steps per contender; "
+        "each round starts from other batches (sampler seed + round), the same for all contenders in that round",
         f"batch fetching + collation in the plain loop: {100 * median(data_share):.1f} % of step time "
         "(why DataLoader workers stay at 0: the splits are tokenized once and collation is cheap)",
     ]

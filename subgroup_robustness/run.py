@@ -25,6 +25,19 @@ def _is_multirun() -> bool:
         return False
 
 
+def _user_error(exc: BaseException):
+    """The UserError behind an exception, if any (Hydra's instantiate wraps what constructors raise)."""
+    from subgroup_robustness.utils.errors import UserError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, UserError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def task(cfg: DictConfig) -> float:
     from subgroup_robustness.experiment import run
     from subgroup_robustness.utils.console import error, print_config_tree
@@ -40,6 +53,11 @@ def task(cfg: DictConfig) -> float:
             return math.nan  # recorded in results.json; the other jobs go on
         sys.exit(2)
     except Exception as exc:
+        if (user := _user_error(exc)) is not None:
+            error(str(user))
+            if _is_multirun():
+                return math.nan
+            sys.exit(2)
         if _is_multirun():
             error(f"job failed ({type(exc).__name__}: {exc}); recorded in results.json, the sweep goes on")
             log.exception("job failed")

@@ -26,11 +26,11 @@ class Vocab(Compressor):
 
 
 class Distill(Compressor):
-    name, stage, start_from, trains = "distill", "during", "pretrained", True
+    name, stage, start_from, trains = "distill", "during", "finetuned", True  # as TaskDistillation
 
 
 class QAT(Compressor):
-    name, stage, start_from, trains, quantizes = "qat", "during", "pretrained", True, True
+    name, stage, start_from, trains, quantizes = "qat", "during", "pretrained", True, True  # as QuantizationAwareTraining
 
 
 class Prune(Compressor):
@@ -69,6 +69,10 @@ class Tweak(Compressor):
     name, stage, start_from = "tweak", "after", "finetuned"
 
 
+class Lost(Compressor):
+    name, stage, start_from = "lost", "after", "pretrained"
+
+
 class Frozen(Compressor):
     name, stage, start_from = "frozen", "before", "pretrained"
 
@@ -77,7 +81,7 @@ class Sideways(Compressor):
     name, stage = "sideways", "sometime"
 
 
-FAKES = {c.name: c for c in (Vocab, Distill, QAT, Prune, Shrink, Tweak, Frozen, Sideways)}
+FAKES = {c.name: c for c in (Vocab, Distill, QAT, Prune, Shrink, Tweak, Lost, Frozen, Sideways)}
 
 
 def chain(*names):
@@ -87,7 +91,7 @@ def chain(*names):
 # ---- order ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("names", [
     ("prune", "shrink"), ("vocab", "qat"), ("vocab", "shrink"), ("distill", "prune", "shrink"),
-    ("vocab", "distill", "prune"), ("prune",), ("frozen", "vocab"), ("prune", "tweak", "shrink"),
+    ("distill", "qat"), ("prune",), ("frozen", "vocab"), ("prune", "tweak", "shrink"), ("vocab", "prune", "shrink"),
 ])
 def test_valid_chains_pass(names):
     validate_chain(chain(*names))
@@ -99,7 +103,10 @@ def test_valid_chains_pass(names):
     (("qat", "shrink"), "two quantizations ('qat', 'shrink')"),
     (("shrink", "prune"), "'prune' comes after the quantization 'shrink' and fine-tunes, and int8 weights cannot be trained"),
     (("shrink", "tweak"), "would edit int8 weights"),
-    (("vocab", "vocab"), "'vocab' starts from the pretrained model, but the model is already fine-tuned"),
+    (("vocab", "vocab"), "'vocab' starts from the pretrained model, but the chain has already fine-tuned it (after 'vocab')"),
+    (("vocab", "distill"), "'distill' starts from the fine-tuned base, but after 'vocab' the model is a different"),
+    (("qat", "distill"), "'distill' comes after the quantization 'qat'"),
+    (("lost",), "'lost' acts after fine-tuning but declares start_from 'pretrained'"),
     (("prune", "distill"), "'distill' acts during fine-tuning but comes after 'prune'"),
     (("frozen", "shrink"), "'shrink' acts on a fine-tuned model, but nothing before it fine-tunes"),
     (("frozen",), "no stage fine-tunes the pretrained model"),
@@ -193,6 +200,7 @@ def test_expand_concatenates_member_stages(fake_conf):
         {"_target_": "tests.test_chain.Prune", "fraction": 0.5, "seed": 7},
         {"_target_": "tests.test_chain.Shrink"},
     ]
+    assert expand_chain(cfg).compressor == c  # expanding twice changes nothing
 
 
 def test_a_chain_member_may_itself_be_a_chain(fake_conf):

@@ -173,7 +173,7 @@ def test_group_objectives_lift_the_worst_group(one_thread):
     assert min(rw_acc) > min(erm_acc) + 0.1
 
 
-def test_group_objectives_refuse_what_they_cannot_do(redditbias_root):
+def test_group_objectives_refuse_what_they_cannot_do():
     overlapping = build_grouping("groups", {"each": ["a", "b"], "by": ["label"]},
                                  {"name": "toy", "label_names": ["n", "y"], "attributes": {"a": ["0", "1"], "b": ["0", "1"]}})
     with pytest.raises(ConfigError, match="needs one group per example.*overlaps"):

@@ -31,7 +31,7 @@ def expand_chain(cfg: DictConfig) -> DictConfig:
     ``cfg.compressor.chain``; name and family become the members', e.g. ``pr40+dq``. In place; a config
     without ``compressor.chain`` is returned unchanged."""
     comp = cfg.get(GROUP)
-    if comp is None or comp.get("chain") is None:
+    if comp is None or comp.get("chain") is None or comp.get("members") is not None:  # none, or done
         return cfg
     names = _names(comp.chain, "compressor.chain")
     if comp.get("stages"):
@@ -180,18 +180,23 @@ def validate_chain(stages: Sequence["Compressor"], names: Sequence[str] | None =
         what = ("fine-tunes, and int8 weights cannot be trained" if later.trains
                 else "would edit int8 weights, which only the quantizer understands")
         fail(f"{names[q + 1]!r} comes after the quantization {names[q]!r} and {what}. Put the quantizer last.")
-    finetuned = stages[0].start_from == "finetuned"
+    # start_from of a later stage: "pretrained" = no fine-tuning may have finished before it (it may
+    # share the next one, as qat after distill); "finetuned" = the model must be fine-tuned by then
+    # (the cached base it started from, or a finished fine-tuning)
     fits = fit_schedule(stages)
-    for i, s in enumerate(stages):
-        if i and s.start_from == "pretrained" and finetuned:
-            fail(f"{names[i]!r} starts from the pretrained model, but the model is already fine-tuned when it "
-                 f"runs (after {names[i - 1]!r}). Put {names[i]!r} first.")
-        if s.stage == "after" and not finetuned and i == 0:
-            fail(f"{names[0]!r} acts after fine-tuning but declares start_from 'pretrained'; an 'after' stage "
-                 "needs start_from 'finetuned'")
-        if s.stage == "after" and not finetuned:
-            fail(f"{names[i]!r} acts on a fine-tuned model, but nothing before it fine-tunes "
-                 f"({', '.join(names[:i])} never train). Add a training stage first, or start with {names[i]!r}.")
-        finetuned = finetuned or fits[i]
-    if not finetuned:
+    if stages[0].stage == "after" and stages[0].start_from != "finetuned":
+        fail(f"{names[0]!r} acts after fine-tuning but declares start_from 'pretrained'; an 'after' stage "
+             "needs start_from 'finetuned'")
+    for i in range(1, len(stages)):
+        s, done = stages[i], [names[j] for j in range(i) if fits[j]]
+        if s.start_from == "pretrained" and done:
+            fail(f"{names[i]!r} starts from the pretrained model, but the chain has already fine-tuned it "
+                 f"(after {done[-1]!r}). Put {names[i]!r} first.")
+        if s.start_from == "finetuned" and not (stages[0].start_from == "finetuned" or done):
+            if s.stage == "after":
+                fail(f"{names[i]!r} acts on a fine-tuned model, but nothing before it fine-tunes "
+                     f"({', '.join(names[:i])} never train). Add a training stage first, or start with {names[i]!r}.")
+            fail(f"{names[i]!r} starts from the fine-tuned base, but after {names[i - 1]!r} the model is a "
+                 f"different, not yet fine-tuned one. Put {names[i]!r} first.")
+    if not (stages[0].start_from == "finetuned" or any(fits)):
         fail("no stage fine-tunes the pretrained model, so its classifier would be untrained")

@@ -62,7 +62,9 @@ class SequenceClassifier(L.LightningModule):
             if self.ce_weight else outputs.logits.new_zeros(())
         for hook in self.loss_hooks:
             loss = loss + hook(self, batch, outputs)
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True,
+        # the progress bar turns its values into Python floats every step: free on CPU, but on a GPU that
+        # would wait for the step to finish each time; the logger still gets the loss every few steps
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=loss.device.type == "cpu",
                  batch_size=batch["labels"].shape[0])
         return loss
 

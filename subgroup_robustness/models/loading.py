@@ -103,7 +103,9 @@ def load_model(model_cfg: Mapping[str, Any], num_labels: int, label_names: list[
     from transformers import AutoModelForSequenceClassification
 
     path, _ = resolve_model_path(model_cfg)
-    kwargs: dict[str, Any] = {"num_labels": num_labels, "trust_remote_code": False}
+    # a checkpoint fine-tuned for another task has a head of another size: start a fresh head
+    kwargs: dict[str, Any] = {"num_labels": num_labels, "trust_remote_code": False,
+                              "ignore_mismatched_sizes": True}
     if label_names:
         kwargs["id2label"] = dict(enumerate(label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
@@ -122,13 +124,24 @@ def load_model(model_cfg: Mapping[str, Any], num_labels: int, label_names: list[
         hf_logging.disable_progress_bar()
         if model_cfg.get("model_type"):
             _explicit_config(model_cfg["model_type"], path, kwargs)
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
         raise _hub_error(model_cfg, f"the weights {path!r}", exc) from None
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
+    wrong = [k for k in _keys(info.get("mismatched_keys")) if "classifier" not in k]
+    if wrong:
+        raise ModelUnavailableError(
+            f"model {model_cfg.get('name')!r}: weights in {path!r} do not fit its config.json "
+            f"(shape mismatch in {wrong[:3]}); the checkpoint is corrupt or its config was edited."
+        )
     return model, load_tokenizer(model_cfg)
+
+
+def _keys(entries) -> list[str]:
+    """Loading-info entries are names, or (name, shape, shape) tuples depending on the version."""
+    return [e[0] if isinstance(e, (tuple, list)) else str(e) for e in (entries or [])]
 
 
 def _explicit_config(model_type: str, path: str, kwargs: dict[str, Any]) -> None:

@@ -51,8 +51,8 @@ def write_report(paths: Sequence[str | Path] | str | Path, out: str | Path | Non
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     first = Path(paths[0])
     out = Path(out) if out is not None else (first.parent if first.is_file() else first) / "report"
+    col = collect(paths)  # first: a wrong path must not leave an empty report folder behind
     out.mkdir(parents=True, exist_ok=True)
-    col = collect(paths)
     summary, per_seed = summarize(col, n_boot=n_boot, seed=seed)
     col.runs.to_csv(out / "runs.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)

@@ -140,7 +140,8 @@ def label(row: pd.Series, reference: str | None) -> tuple[str, str]:
     return setting, family
 
 
-def collect(paths: Iterable[str | Path]) -> Collection:
+def collect(paths: Iterable[str | Path] | str | Path) -> Collection:
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     files = find_results(paths)
     rows, records = [], {}
     for f in files:

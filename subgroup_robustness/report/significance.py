@@ -101,15 +101,19 @@ def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, masks: np.nda
     np.add.at(cells, (inv, 2 * (~a).astype(int) + (~b).astype(int)), 1)
     n = cells.sum(1)
     rng = np.random.default_rng(seed)
-    draws = rng.multinomial(n[None, :], cells / n[:, None], size=(n_boot, p))  # (B, P, 4)
-    ca, cb = draws[..., 0] + draws[..., 1], draws[..., 0] + draws[..., 2]
-    avg_a, wg_a = _metrics(ca.astype(float), patterns, n)
-    avg_b, wg_b = _metrics(cb.astype(float), patterns, n)
+    samples = np.empty((n_boot, 2))
+    chunk = max(1, 1_000_000 // p)  # bounded memory when there are many membership patterns
+    for start in range(0, n_boot, chunk):
+        k = min(chunk, n_boot - start)
+        draws = rng.multinomial(n[None, :], cells / n[:, None], size=(k, p))  # (k, P, 4)
+        avg_a, wg_a = _metrics((draws[..., 0] + draws[..., 1]).astype(float), patterns, n)
+        avg_b, wg_b = _metrics((draws[..., 0] + draws[..., 2]).astype(float), patterns, n)
+        samples[start:start + k] = np.stack([avg_a - avg_b, wg_a - wg_b], axis=1)
     obs_a = _metrics((cells[:, 0] + cells[:, 1]).astype(float), patterns, n)
     obs_b = _metrics((cells[:, 0] + cells[:, 2]).astype(float), patterns, n)
     return {
         "d_avg": float(obs_a[0] - obs_b[0]), "d_wg": float(obs_a[1] - obs_b[1]),
-        "samples": np.stack([avg_a - avg_b, wg_a - wg_b], axis=1),
+        "samples": samples,
         "n": int(n.sum()),
     }
 

@@ -26,7 +26,7 @@ def _check(rec, out: Path, n_groups: int):
 
 
 def test_multinli_from_a_local_jsonl(tiny_bert_factory, sr_env):
-    rows = [r for part in mnli_parts(200, 100).values() for r in part]
+    rows = [r for part in mnli_parts(120, 60).values() for r in part]
     path = write_mnli_local_jsonl(sr_env / "dev.jsonl", rows)
     out = sr_env / "run"
     rec = run_in_process(_overrides(tiny_bert_factory(3), out, "multinli", f"dataset.source.path={path}"))
@@ -37,7 +37,7 @@ def test_multinli_from_a_local_jsonl(tiny_bert_factory, sr_env):
 
 
 def test_multinli_binary_variant(tiny_bert_factory, sr_env):
-    rows = [r for part in mnli_parts(150, 60).values() for r in part]
+    rows = [r for part in mnli_parts(90, 45).values() for r in part]
     path = write_mnli_local_jsonl(sr_env / "dev.jsonl", rows)
     out = sr_env / "run"
     rec = run_in_process(_overrides(tiny_bert_factory(2), out, "multinli_bin02", f"dataset.source.path={path}"))
@@ -46,7 +46,7 @@ def test_multinli_binary_variant(tiny_bert_factory, sr_env):
 
 
 def test_civilcomments_reports_both_groupings(tiny_bert_factory, sr_env):
-    path = write_wilds_csv(sr_env / "all_data_with_identities.csv", civil_rows(200))
+    path = write_wilds_csv(sr_env / "all_data_with_identities.csv", civil_rows(140))
     out = sr_env / "run"
     rec = run_in_process(_overrides(tiny_bert_factory(2), out, "civilcomments", f"dataset.source.path={path}"))
     test = _check(rec, out, 4)

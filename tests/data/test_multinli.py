@@ -150,6 +150,20 @@ def test_group_dro_metadata_gives_the_paper_split(tmp_path):
                          metadata_csv=tmp_path / "metadata_random.csv")
     pd.testing.assert_frame_equal(df, glue)
 
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "metadata_random.csv").write_bytes((tmp_path / "metadata_random.csv").read_bytes())
+    with serve(site) as base:
+        fetched = multinli.load(tmp_path / "cache", path=folder, metadata_csv="download",
+                                metadata_url=f"{base}/metadata_random.csv")
+    pd.testing.assert_frame_equal(df, fetched)
+    assert (tmp_path / "cache" / "metadata_random.csv").exists()
+    with pytest.raises(DataUnavailableError, match="metadata_random.csv"):
+        multinli.load(tmp_path / "other", path=folder, metadata_csv="download", metadata_url=f"{UNREACHABLE}/m.csv")
+    with pytest.raises(ConfigError, match="full MultiNLI"):
+        multinli.load(tmp_path / "cache", path=write_mnli_local_jsonl(tmp_path / "one.jsonl", parts["train"]),
+                      metadata_csv=tmp_path / "metadata_random.csv")
+
     meta.iloc[:-1].to_csv(tmp_path / "short.csv")
     with pytest.raises(CorruptDataError, match="rows"):
         multinli.load(tmp_path / "cache", path=folder, metadata_csv=tmp_path / "short.csv")

@@ -30,7 +30,7 @@ import string
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -73,9 +73,8 @@ def has_negation(sentence: object) -> bool:
 
 
 # ---- generic file helpers (also used by the scotus source) -------------------------------------------
-def read_jsonl(path: Path, what: str) -> list[dict]:
-    """All JSON objects of a jsonl file; a truncated or garbled line is named with its number."""
-    rows = []
+def iter_jsonl(path: Path, what: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each record; a truncated or garbled line is named with its number."""
     with open(path, encoding="utf-8") as fh:
         for i, line in enumerate(fh, 1):
             if not line.strip():
@@ -89,15 +88,25 @@ def read_jsonl(path: Path, what: str) -> list[dict]:
                 ) from None
             if not isinstance(obj, dict):
                 raise CorruptDataError(f"{what}: {path} line {i} is not a JSON object")
-            rows.append(obj)
-    return rows
+            yield i, obj
 
 
-def require_fields(rows: Sequence[Mapping], fields: Iterable[str], path: Path, what: str) -> None:
-    for i, row in enumerate(rows, 1):
-        missing = [f for f in fields if f not in row]
-        if missing:
-            raise CorruptDataError(f"{what}: record {i} of {path} has no field(s) {missing}; found {sorted(row)[:8]}")
+def read_jsonl(path: Path, what: str) -> list[dict]:
+    return [obj for _, obj in iter_jsonl(path, what)]
+
+
+def read_fields(path: Path, fields: Sequence[str], what: str) -> list[list]:
+    """One list per field; only these fields are kept (official records carry large parse trees)."""
+    cols: list[list] = [[] for _ in fields]
+    for i, obj in iter_jsonl(path, what):
+        try:
+            for col, f in zip(cols, fields):
+                col.append(obj[f])
+        except KeyError:
+            raise CorruptDataError(
+                f"{what}: {path} line {i} has no field(s) {[f for f in fields if f not in obj]}; found {sorted(obj)[:8]}"
+            ) from None
+    return cols
 
 
 def extract_members(archive: Path, wanted: Mapping[str, Path], what: str) -> None:
@@ -153,20 +162,15 @@ def _frame(premise, hypothesis, gold) -> pd.DataFrame:
     return pd.DataFrame({"premise": list(premise), "hypothesis": list(hypothesis), "gold": list(gold)})
 
 
-def _official_file(path: Path, what: str = NAME) -> pd.DataFrame:
-    rows = read_jsonl(path, what)
-    require_fields(rows, ("sentence1", "sentence2", "gold_label"), path, what)
-    return _frame((r["sentence1"] for r in rows), (r["sentence2"] for r in rows), (r["gold_label"] for r in rows))
+def _official_file(path: Path) -> pd.DataFrame:
+    return _frame(*read_fields(path, ("sentence1", "sentence2", "gold_label"), NAME))
 
 
 def _local_jsonl(path: Path) -> pd.DataFrame:
     """The premise/hypothesis/label layout; official records (sentence1/sentence2/gold_label) work too."""
-    rows = read_jsonl(path, NAME)
-    if rows and "sentence1" in rows[0]:
-        require_fields(rows, ("sentence1", "sentence2", "gold_label"), path, NAME)
-        return _frame((r["sentence1"] for r in rows), (r["sentence2"] for r in rows), (r["gold_label"] for r in rows))
-    require_fields(rows, ("premise", "hypothesis", "label"), path, NAME)
-    return _frame((r["premise"] for r in rows), (r["hypothesis"] for r in rows), (r["label"] for r in rows))
+    first = next(iter_jsonl(path, NAME), (0, {}))[1]
+    fields = ("sentence1", "sentence2", "gold_label") if "sentence1" in first else ("premise", "hypothesis", "label")
+    return _frame(*read_fields(path, fields, NAME))
 
 
 def _official_folder(path: Path) -> Path:
@@ -209,7 +213,7 @@ def read_glue_tsv(path: Path) -> pd.DataFrame:
         raise CorruptDataError(f"{NAME}: {path} does not end with a line break: it is truncated. Replace it.")
     try:
         df = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False,
-                         on_bad_lines="error", encoding="utf-8")
+                         usecols=lambda c: c in ("sentence1", "sentence2", "gold_label"), encoding="utf-8")
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
         raise CorruptDataError(f"{NAME}: cannot parse {path} ({exc}). Replace it with a fresh copy.") from None
     missing = [c for c in ("sentence1", "sentence2", "gold_label") if c not in df.columns]
@@ -404,6 +408,7 @@ def load(
     hub_id: str = "nyu-mll/multi_nli",
     url: str = OFFICIAL_URL,
     md5: str | None = OFFICIAL_MD5,
+    metadata_url: str = METADATA_URL,
 ) -> pd.DataFrame:
     """The normalized table: text (premise), text_pair (hypothesis), label, has_negation, split."""
     if format not in FORMATS:
@@ -435,7 +440,7 @@ def load(
     frames = {p: _normalize(raw[p], f"{fmt} {p}") for p in parts}
 
     if metadata_csv:
-        meta = fetch_metadata(cache_dir) if str(metadata_csv) == "download" else Path(metadata_csv).expanduser()
+        meta = fetch_metadata(cache_dir, metadata_url) if str(metadata_csv) == "download" else Path(metadata_csv).expanduser()
         if not meta.exists():
             raise DataUnavailableError(f"{NAME}: dataset.source.metadata_csv={metadata_csv} does not exist "
                                        f"(group_DRO's file is at {METADATA_URL}; `download` fetches it).")

@@ -1,0 +1,156 @@
+"""The report on a results folder built here (with a failed and a still-running job): every table value is
+the mean ± std the test computes itself, deltas are per-seed differences against the base, intervals mark
+the large effect and not the null one, and the PNGs are real images."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.helpers import write_fake_run
+
+BASE_ACC = [0.9, 0.85, 0.88, 0.9, 0.8, 0.75, 0.7, 0.8, 0.72, 0.78]
+PR40_ACC = [a - 0.05 if i < 5 else a - 0.35 for i, a in enumerate(BASE_ACC)]  # minority groups collapse
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sweep")
+    for s in (1, 2, 3):
+        write_fake_run(root / f"redditbias/seed={s},setting=base", seed=s,
+                       group_acc=[a - 0.02 * (s - 2) for a in BASE_ACC])
+        write_fake_run(root / f"redditbias/seed={s},setting=pr40", compressor="pr40", family="pruning", seed=s,
+                       size_mb=80.1, params=20.1e6, group_acc=PR40_ACC)
+        # dq: the base's accuracy in every group, placed on other examples: no real change
+        write_fake_run(root / f"redditbias/seed={s},setting=dq", compressor="dq", family="quantization", seed=s,
+                       size_mb=30.2, params=12e6, group_acc=BASE_ACC, rng_seed=100 + s)
+    write_fake_run(root / "redditbias/seed=1,setting=bert_mini", model="bert_mini", seed=1, size_mb=44.7,
+                   params=11.2e6, group_acc=0.5)
+    write_fake_run(root / "redditbias/seed=1,setting=vt50", compressor="vt50", family="vocabulary", seed=1,
+                   status="failed")
+    write_fake_run(root / "redditbias/seed=1,setting=vt25", compressor="vt25", family="vocabulary", seed=1,
+                   status="running")
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(results_dir, tmp_path_factory):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from subgroup_robustness.report.__main__ import main
+
+    out = tmp_path_factory.mktemp("report")
+    assert main([str(results_dir), "-o", str(out), "--n-boot", "1000"]) == 0
+    return out
+
+
+def records(results_dir: Path, setting: str) -> list[dict]:
+    recs = [json.loads(p.read_text()) for p in sorted(results_dir.rglob("results.json"))
+            if p.parent.name.endswith(f"setting={setting}")]
+    return sorted(recs, key=lambda r: r["run"]["seed"])
+
+
+def md_rows(path: Path) -> dict[str, dict[str, str]]:
+    lines = [ln for ln in path.read_text().splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return {cells[0]: dict(zip(header, cells)) for cells in
+            ([c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:])}
+
+
+def test_table_values_are_mean_and_std_over_seeds(report, results_dir):
+    rows = md_rows(report / "tables" / "offline_grid" / "redditbias.md")
+    assert list(rows) == ["base", "bert_mini", "pr40", "dq"]  # Table 1 order; failed/running jobs absent
+    for setting in ("base", "pr40", "dq"):
+        recs = records(results_dir, setting)
+        wg = [100 * r["metrics"]["test"]["test/acc_wg"] for r in recs]
+        avg = [100 * r["metrics"]["test"]["test/acc_avg"] for r in recs]
+        assert rows[setting]["Worst-group acc"] == f"{statistics.mean(wg):.2f} ± {statistics.stdev(wg):.2f}"
+        assert rows[setting]["Avg acc"] == f"{statistics.mean(avg):.2f} ± {statistics.stdev(avg):.2f}"
+        assert rows[setting]["Seeds"] == "3"
+        assert rows[setting]["Size (MB)"] == f"{recs[0]['model']['size_mb']:.2f}"
+    # the change against the base is taken seed by seed
+    base = records(results_dir, "base")
+    pr40 = records(results_dir, "pr40")
+    d = [100 * (p["metrics"]["test"]["test/acc_wg"] - b["metrics"]["test"]["test/acc_wg"]) for p, b in zip(pr40, base)]
+    assert rows["pr40"]["Δ WGA"] == f"{statistics.mean(d):+.2f} ± {statistics.stdev(d):.2f}"
+    assert rows["bert_mini"]["Seeds"] == "1" and rows["bert_mini"]["Family"] == "distillation"
+    assert rows["bert_mini"]["Worst-group acc"] == "50.00"  # one seed: no std
+
+    summary = pd.read_csv(report / "summary.csv").set_index("setting")
+    wg = [r["metrics"]["test"]["test/acc_wg"] for r in pr40]
+    assert summary.loc["pr40", "acc_wg_mean"] == pytest.approx(np.mean(wg))
+    assert summary.loc["pr40", "acc_wg_std"] == pytest.approx(np.std(wg, ddof=1))
+    assert summary.loc["pr40", "size_vs_base"] == pytest.approx(80.1 / 90.9)
+
+
+def test_large_drop_is_marked_and_null_change_is_not(report):
+    rows = md_rows(report / "tables" / "offline_grid" / "redditbias.md")
+    assert rows["pr40"]["Δ WGA 95% CI"].endswith("]*") and rows["pr40"]["Δ avg 95% CI"].endswith("]*")
+    assert rows["dq"]["Δ WGA 95% CI"].endswith("]") and not rows["dq"]["Δ WGA 95% CI"].endswith("*")
+    lo, hi = (float(x) for x in rows["pr40"]["Δ WGA 95% CI"].strip("[]*").split(","))
+    assert hi < 0 and lo <= -35 + 10  # a drop of ~35 points, well away from zero
+    sig = pd.read_csv(report / "significance.csv")
+    per_seed = sig[sig["setting"] == "pr40"]
+    assert len(per_seed) == 3 and per_seed["d_wg_sig"].all() and per_seed["grouped"].all()
+    assert (per_seed["d_wg_lo"] <= per_seed["d_wg"]).all() and (per_seed["d_wg"] <= per_seed["d_wg_hi"]).all()
+
+
+def test_failed_and_running_jobs_are_listed_not_fatal(report):
+    runs = pd.read_csv(report / "runs.csv")
+    assert sorted(runs["status"].value_counts().items()) == [("completed", 10), ("failed", 1), ("running", 1)]
+    failed = runs[runs["status"] == "failed"].iloc[0]
+    assert failed["setting"] == "vt50" and "boom" in failed["error"]
+    text = (report / "report.md").read_text()
+    assert "## Failed" in text and "vt50" in text and "## Not finished" in text and "vt25" in text
+
+
+def test_size_table_and_pngs(report):
+    sizes = md_rows(report / "tables" / "offline_grid" / "sizes.md")
+    assert sizes["dq"]["Size (MB)"] == "30.20" and sizes["dq"]["Params (M)"] == "12.00"
+    assert sizes["base"]["vs base"] == "100.0%"
+    html = (report / "tables" / "offline_grid" / "redditbias.html").read_text()
+    assert "<table" in html and "pr40" in html
+    for name in ("wga_vs_size_redditbias.png", "group_heatmap_redditbias.png"):
+        png = report / "plots" / "offline_grid" / name
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_groups_table_matches_records(report, results_dir):
+    from subgroup_robustness.report import collect
+
+    col = collect(results_dir)
+    groups = col.groups()
+    rec = records(results_dir, "pr40")[0]
+    got = groups[(groups["setting"] == "pr40") & (groups["seed"] == 1)].set_index("group")["acc"].to_dict()
+    assert got == pytest.approx(rec["groups"]["test"]["groups"]["acc"])
+
+
+def test_mid_sweep_without_any_completed_run_and_bad_paths(tmp_path):
+    from subgroup_robustness.report import write_report
+    from subgroup_robustness.report.collect import NoResultsError
+
+    write_fake_run(tmp_path / "sweep" / "a", status="running")
+    (tmp_path / "sweep" / "b").mkdir()
+    (tmp_path / "sweep" / "b" / "results.json").write_text("{ half a fi")  # a file being copied
+    rep = write_report(tmp_path / "sweep", n_boot=200)
+    assert sorted(rep["collection"].runs["status"]) == ["running", "unreadable"] and rep["tables"] == []
+    assert "## Not finished" in (tmp_path / "sweep" / "report" / "report.md").read_text()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NoResultsError, match="no results.json"):
+        write_report(tmp_path / "empty", n_boot=200)
+    with pytest.raises(NoResultsError, match="does not exist"):
+        write_report(tmp_path / "missing", n_boot=200)
+
+
+def test_cli_reports_a_missing_folder_clearly(tmp_path, capsys):
+    from subgroup_robustness.report.__main__ import main
+
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().out

@@ -1,0 +1,145 @@
+"""The bootstrap intervals on synthetic predictions with a known effect: they cover the true difference at
+about the nominal rate, exclude zero when the effect is large, mostly include it when there is none, and
+pair examples by id (not by position)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from subgroup_robustness.report import significance as sig
+
+SIZES = np.array([400, 300, 150, 80])           # group sizes; the last group is the minority
+P_BASE = np.array([0.90, 0.85, 0.80, 0.70])     # base accuracy per group
+DROP = np.array([0.01, 0.01, 0.02, 0.15])       # the compressed model loses most on the minority
+
+
+def simulate(rng, drop=DROP):
+    groups = np.repeat(np.arange(len(SIZES)), SIZES)
+    masks = np.eye(len(SIZES), dtype=bool)[groups]
+    base = rng.random(len(groups)) < P_BASE[groups]
+    comp = rng.random(len(groups)) < (P_BASE - drop)[groups]
+    return comp, base, masks
+
+
+def truth(drop=DROP):
+    """Expected Δ given the group sizes: average over examples, and the worst group's change."""
+    d_avg = float(-(SIZES * drop).sum() / SIZES.sum())
+    d_wg = float((P_BASE - drop).min() - P_BASE.min())
+    return d_avg, d_wg
+
+
+def test_interval_covers_the_true_difference_at_about_the_nominal_rate():
+    rng = np.random.default_rng(0)
+    t_avg, t_wg = truth()
+    cover_avg = cover_wg = 0
+    reps = 150
+    for i in range(reps):
+        comp, base, masks = simulate(rng)
+        res = sig.paired_bootstrap(comp, base, masks, n_boot=400, seed=i)
+        lo, hi = sig.interval(res["samples"][:, 0])
+        cover_avg += lo <= t_avg <= hi
+        lo, hi = sig.interval(res["samples"][:, 1])
+        cover_wg += lo <= t_wg <= hi
+    # nominal 95%; the worst group is well separated here, so its minimum behaves like one group's accuracy
+    assert cover_avg / reps >= 0.88, cover_avg / reps
+    assert cover_wg / reps >= 0.85, cover_wg / reps
+
+
+def test_large_effect_excludes_zero_and_no_effect_mostly_does_not():
+    rng = np.random.default_rng(1)
+    comp, base, masks = simulate(rng, drop=np.array([0.0, 0.0, 0.0, 0.30]))
+    res = sig.paired_bootstrap(comp, base, masks, n_boot=2000, seed=0)
+    lo, hi = sig.interval(res["samples"][:, 1])
+    assert hi < 0 and sig.excludes_zero(lo, hi)
+    assert lo <= res["d_wg"] <= hi
+    false_alarms = 0
+    for i in range(60):
+        comp, base, masks = simulate(rng, drop=np.zeros(4))
+        res = sig.paired_bootstrap(comp, base, masks, n_boot=300, seed=i)
+        false_alarms += sig.excludes_zero(*sig.interval(res["samples"][:, 0]))
+    assert false_alarms <= 8  # ~5% expected
+
+
+def test_point_estimates_are_the_observed_differences():
+    rng = np.random.default_rng(2)
+    comp, base, masks = simulate(rng)
+    res = sig.paired_bootstrap(comp, base, masks, n_boot=100)
+    acc = lambda c: min(c[masks[:, g]].mean() for g in range(masks.shape[1]))  # noqa: E731
+    assert res["d_avg"] == pytest.approx(comp.mean() - base.mean())
+    assert res["d_wg"] == pytest.approx(acc(comp) - acc(base))
+    same = sig.paired_bootstrap(base, base, masks, n_boot=100)
+    assert np.all(same["samples"] == 0)  # identical predictions: no uncertainty about a zero change
+
+
+def test_overlapping_groups_keep_their_sizes():
+    rng = np.random.default_rng(3)
+    n = 600
+    masks = np.stack([rng.random(n) < 0.5, rng.random(n) < 0.3, rng.random(n) < 0.1], axis=1)  # overlapping
+    comp, base = rng.random(n) < 0.7, rng.random(n) < 0.8
+    res = sig.paired_bootstrap(comp, base, masks, n_boot=500)
+    lo, hi = sig.interval(res["samples"][:, 0])
+    assert lo < res["d_avg"] < hi and hi < 0.05
+
+
+def test_across_seeds_combines_seed_and_example_variation():
+    rng = np.random.default_rng(4)
+    per_seed = []
+    for s in range(5):
+        comp, base, masks = simulate(rng)
+        per_seed.append(sig.paired_bootstrap(comp, base, masks, n_boot=500, seed=s)["samples"])
+    agg = sig.across_seeds(per_seed, n_boot=2000)
+    lo, hi = sig.interval(agg[:, 1])
+    t_avg, t_wg = truth()
+    assert lo <= t_wg <= hi and hi < 0
+    one_lo, one_hi = sig.interval(per_seed[0][:, 1])
+    assert hi - lo < one_hi - one_lo  # five seeds pin the mean down better than one
+
+
+def make_preds(index, correct, masks):
+    return sig.Predictions(index=np.asarray(index), correct=np.asarray(correct, bool), masks=masks, group_names=[])
+
+
+def test_compare_pairs_by_example_id_and_rejects_different_test_sets():
+    rng = np.random.default_rng(5)
+    comp, base, masks = simulate(rng, drop=np.array([0.0, 0.0, 0.0, 0.3]))
+    ids = rng.permutation(len(comp)) + 1000
+    perm = rng.permutation(len(comp))  # the compressed run lists the same examples in another order
+    a = make_preds(ids[perm], comp[perm], masks[perm])
+    b = make_preds(ids, base, masks)
+    out = sig.compare([(1, a, b)], n_boot=500)
+    row = out["per_seed"][0]
+    assert row["d_wg"] == pytest.approx(sig.paired_bootstrap(comp, base, masks, n_boot=10)["d_wg"])
+    assert row["d_wg_sig"] and out["across"]["seeds"] == 1
+    other = make_preds(ids + 1, comp, masks)
+    bad = sig.compare([(1, other, b)], n_boot=100)
+    assert "different examples" in bad["per_seed"][0]["error"] and bad["across"] is None
+    shuffled = make_preds(ids, comp, masks[rng.permutation(len(comp))])
+    assert "disagree" in sig.compare([(1, shuffled, b)], n_boot=100)["per_seed"][0]["error"]
+
+
+def test_prediction_metadata_follows_the_saved_prediction_order(tmp_path):
+    """What experiment.py stores next to the predictions, and how the report reads it back."""
+    from subgroup_robustness.data.groups import build_groupings
+
+    dataset = {"name": "toy", "label_names": ["no", "yes"], "attributes": {"a": ["x", "y", "z"]},
+               "groupings": {"groups": {"by": ["label", "a"]}}}
+    rng = np.random.default_rng(6)
+    ids = torch.as_tensor(rng.permutation(50) * 3)  # dataset row ids of the test split, unsorted
+    meta = torch.as_tensor(np.stack([rng.integers(0, 2, 50), rng.integers(0, 3, 50)], 1))
+    dm = SimpleNamespace(splits={"test": SimpleNamespace(index=ids, metadata=meta)}, columns=["label", "a"])
+    saved_index = np.sort(ids.numpy()).astype(np.int32)  # predictions are saved sorted by id
+    arrays = sig.prediction_metadata(dm, saved_index)
+    expected = meta.numpy()[np.argsort(ids.numpy())]
+    assert np.array_equal(arrays["metadata"], expected) and list(arrays["metadata_columns"]) == ["label", "a"]
+    assert sig.prediction_metadata(dm, saved_index + 1) == {}  # ids that do not match: nothing is invented
+
+    label = arrays["metadata"][:, 0].astype(np.int32)
+    np.savez_compressed(tmp_path / "predictions.npz", index=saved_index, label=label, pred=label, **arrays)
+    p = sig.load_predictions(tmp_path / "predictions.npz", dataset)
+    grouping = build_groupings(dataset)["groups"]
+    assert p.group_names == grouping.group_names and p.correct.all()
+    assert np.array_equal(p.masks, grouping.masks(torch.as_tensor(expected)).numpy())
