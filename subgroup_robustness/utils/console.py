@@ -56,4 +56,6 @@ def print_group_table(title: str, result: dict[str, Any], base: dict[str, Any] |
 
 
 def error(message: str) -> None:
-    console.print(f"[bold red]error:[/bold red] {message}", soft_wrap=True)
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
