@@ -31,8 +31,10 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# ARGS here go to run_all.py, e.g. ARGS='--quick' or ARGS='--only train,eval'
 bench: install
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python -c "import accelerate" 2>/dev/null || $(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/run_all.py $(ARGS)
 
 grid: install
 	$(BIN)/python -m subgroup_robustness --multirun experiment=offline_grid $(ARGS)

@@ -11,6 +11,7 @@ import copy
 import os
 import tempfile
 import time
+from pathlib import Path
 
 from bench_train import run_framework
 from common import StepClock, compose, framework, main, throughput
@@ -18,7 +19,12 @@ from common import StepClock, compose, framework, main, throughput
 
 def run(quick: bool = False) -> dict:
     warmup, windows, window = (1, 1, 2) if quick else (4, 2, 12)
-    cfg = compose(["callbacks.early_stopping=null"])
+    overrides = ["callbacks.early_stopping=null"]
+    if quick:  # compiling MiniLM takes minutes on a busy machine: check the code path on a tiny BERT
+        from tests.helpers import make_tiny_bert
+
+        overrides += ["model=local", f"model.path={make_tiny_bert(Path(tempfile.mkdtemp()) / 'tiny')}"]
+    cfg = compose(overrides)
     ctx = framework(cfg)
     base = copy.deepcopy(ctx.model)
     steps_per_epoch = len(ctx.datamodule.train_dataloader())

@@ -68,7 +68,8 @@ def finetune_briefly(ctx, steps: int):
     return model
 
 
-def run(quick: bool = False, weights: str | None = None, compile: str = "1") -> dict:
+def run(quick: bool = False, weights: str | None = None, compile: str | None = None) -> dict:
+    compile = compile or ("0" if quick else "1")  # a cold compile takes minutes on a busy 2-core machine
     cfg = compose(["callbacks.early_stopping=null"])
     ctx = framework(cfg)
     notes = []

@@ -226,8 +226,10 @@ def machine() -> dict[str, Any]:
     import torch
     import transformers
 
-    from subgroup_robustness.utils.perf import physical_cores
+    from subgroup_robustness.utils.perf import configure_threads, physical_cores
     from subgroup_robustness.utils.resolvers import auto_precision
+
+    configure_threads()
 
     try:
         flags = set(re.search(r"^flags\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())

@@ -107,7 +107,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a few steps per benchmark (does not touch README.md)")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     ap.add_argument("--readme", action="store_true", help="write README.md even in --quick or --only runs")
+    ap.add_argument("--threads", type=int, help="torch threads per benchmark (SR_NUM_THREADS; default: one per "
+                    "physical core, as runs use)")
     args = ap.parse_args()
+    if args.threads:
+        os.environ["SR_NUM_THREADS"] = str(args.threads)
     names = [n for n in BENCHMARKS if not args.only or n in args.only.split(",")]
     unknown = set(filter(None, args.only.split(","))) - set(BENCHMARKS)
     if unknown:

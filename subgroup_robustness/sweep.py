@@ -3,13 +3,14 @@ the job folder names of the grid experiments.
 
 The counts live in small files under ``<sweep dir>/.progress/`` rather than in this object, because jobs
 run in other processes (joblib) or on other machines (submitit); every job reads them back to print where
-the whole sweep stands. Enable it with ``hydra.callbacks.sweep_progress._target_=subgroup_robustness.sweep.SweepProgress``
-(the grid experiments do).
+the whole sweep stands. The grid experiments enable it; for any other sweep add
+``+hydra.callbacks.sweep_progress._target_=subgroup_robustness.sweep.SweepProgress``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -71,7 +72,7 @@ def count_jobs(config: DictConfig) -> int | None:
 def _job_label(config: DictConfig) -> str:
     """The job's folder inside the sweep (short and unique), else its overrides."""
     try:
-        return str(Path(config.hydra.runtime.output_dir).relative_to(Path(config.hydra.sweep.dir).resolve()))
+        return os.path.relpath(config.hydra.runtime.output_dir, os.path.abspath(config.hydra.sweep.dir))
     except (ValueError, TypeError):
         return ",".join(config.hydra.overrides.task) or "(no overrides)"
 
@@ -83,10 +84,12 @@ def job_state(output_dir: Path, started_complete: bool, hydra_failed: bool) -> t
         return ("skipped" if started_complete else "done"), None
     try:
         rec = read_results(path)
-        err = rec.get("error") or {}
-        return "failed", f"{err.get('type', 'error')}: {err.get('message', '')}".strip()
     except (OSError, ValueError):
-        return "failed", "no results.json was written" if not hydra_failed else "the job raised"
+        return "failed", "the job raised" if hydra_failed else "no results.json was written"
+    err = rec.get("error")
+    if not err:
+        return "failed", f"results.json was left at status {rec.get('status')!r}"
+    return "failed", f"{err.get('type', 'error')}: {err.get('message', '')}"
 
 
 class SweepProgress(Callback):

@@ -17,7 +17,7 @@ import torch
 
 from subgroup_robustness.models.loading import load_model
 from subgroup_robustness.utils.errors import ModelUnavailableError
-from tests.helpers import compose, make_tiny_bert, run_in_process
+from tests.helpers import compose, run_in_process
 
 # name -> (weights, tokenizer) as in the authors' main.py (tokenizer None: the checkpoint's own)
 PAPER = {

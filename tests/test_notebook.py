@@ -3,8 +3,6 @@ here and draws its tables and figures."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import nbformat
 from nbclient import NotebookClient
 
@@ -36,4 +34,3 @@ def test_analysis_notebook_executes_headless(tmp_path, monkeypatch):
     html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     assert "dq" in html and "Worst-group acc" in html and "failed" in html
     assert "]*" in html  # dq loses 20 points on the minority groups: marked significant
-    assert Path(NOTEBOOK).exists()

@@ -137,6 +137,16 @@ def test_auto_precision_follows_the_cpu(monkeypatch, cpu_bf16, expected):
     assert resolvers.auto_precision("16-mixed") == "16-mixed"  # an explicit value is never replaced
 
 
+@pytest.mark.parametrize("bf16_gpu,expected", [(True, "bf16-mixed"), (False, "16-mixed")])
+def test_gpu_trainer_config_picks_bf16_on_gpus_that_run_it(monkeypatch, bf16_gpu, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_gpu)
+    for trainer in ("gpu", "ddp"):
+        cfg = compose([f"trainer={trainer}"])
+        assert (cfg.trainer.accelerator, cfg.trainer.precision) == ("gpu", expected)
+    assert compose(["trainer=gpu", "trainer.precision=32-true"]).trainer.precision == "32-true"
+
+
 def test_cpu_bf16_detection_reads_the_real_flags():
     info = Path("/proc/cpuinfo")
     flags = info.read_text(encoding="utf-8") if info.exists() else ""

@@ -154,3 +154,26 @@ def test_cli_reports_a_missing_folder_clearly(tmp_path, capsys):
 
     assert main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().out
+
+
+def test_each_row_is_compared_with_the_right_base(tmp_path):
+    from subgroup_robustness.report import write_report
+
+    runs = {
+        "base": dict(), "pr40": dict(compressor="pr40", family="pruning"),
+        "dq": dict(compressor="dq", family="quantization"),
+        "bert_mini": dict(model="bert_mini", group_acc=0.6),                      # a checkpoint as is
+        "bert_mini+pr40": dict(model="bert_mini", compressor="pr40", family="pruning", group_acc=0.5),
+        "base_dro": dict(objective="group_dro", group_acc=0.7),
+        "pr40_dro": dict(compressor="pr40", family="pruning", objective="group_dro", group_acc=0.6),
+    }
+    for name, kw in runs.items():
+        write_fake_run(tmp_path / name, **{"group_acc": 0.8, **kw})
+    rep = write_report(tmp_path, n_boot=200, plots=False)
+    table = rep["summary"].set_index("setting")
+    assert table["base"].to_dict() == {
+        "base": "", "pr40": "base", "dq": "base", "bert_mini": "base", "bert_mini+pr40": "bert_mini",
+        "base [group_dro]": "", "pr40 [group_dro]": "base [group_dro]"}
+    assert table.loc["bert_mini+pr40", "d_avg_mean"] == pytest.approx(0.5 - 0.6)
+    assert table.loc["pr40 [group_dro]", "d_avg_mean"] == pytest.approx(0.6 - 0.7)
+    assert table.loc["bert_mini", "d_avg_mean"] == pytest.approx(0.6 - 0.8)

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-import lightning.pytorch as L
 import numpy as np
 import torch
 from torch import nn
@@ -311,7 +310,10 @@ def adapt_masked_lm(ctx: "RunContext", mlm: nn.Module, tokenizer, epochs: int, b
     cfg, dm = ctx.cfg, ctx.datamodule
     max_len, seed = int(dm.cfg.get("max_length", 128)), int(cfg.seed)
     train = mlm_loader(tokenizer, dm.texts("train"), batch_size, max_len, probability, seed, shuffle=True)
-    val = mlm_loader(tokenizer, dm.texts("val"), batch_size, max_len, probability, seed, shuffle=False)
+
+    def val():  # a fresh loader each time: before and after see the same masked positions
+        return mlm_loader(tokenizer, dm.texts("val"), batch_size, max_len, probability, seed, shuffle=False)
+
     module = MaskedLMModule(mlm, lr=lr, weight_decay=weight_decay)
     progress = (cfg.get("callbacks") or {}).get("progress")
     callbacks = [instantiate(progress)] if progress else []
@@ -324,9 +326,9 @@ def adapt_masked_lm(ctx: "RunContext", mlm: nn.Module, tokenizer, epochs: int, b
                           default_root_dir=str(ctx.output_dir))
     t0 = time.perf_counter()
     mlm.eval()
-    before = trainer.validate(module, dataloaders=val, verbose=False)
+    before = trainer.validate(module, dataloaders=val(), verbose=False)
     mlm.train()
-    trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=val())
     after = trainer.callback_metrics.get("mlm/val_loss")
     mlm.eval()
     return {"epochs": int(trainer.current_epoch), "steps": int(trainer.global_step), "batch_size": batch_size,

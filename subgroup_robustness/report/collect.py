@@ -121,7 +121,9 @@ def reference_models(runs: pd.DataFrame) -> dict[tuple[str, str], str]:
     for (exp, ds), part in runs.groupby(["experiment", "dataset"], dropna=False):
         compressed = part[part["compressor"] != "none"]
         if len(compressed):
-            out[(exp, ds)] = Counter(compressed["model"]).most_common(1)[0][0]
+            counts = Counter(compressed["model"])
+            top = max(counts.values())
+            out[(exp, ds)] = sorted(m for m, c in counts.items() if c == top)[0]  # ties: deterministic
         elif len(part):
             out[(exp, ds)] = part.sort_values("params", ascending=False, na_position="last")["model"].iloc[0]
     return out
@@ -129,6 +131,8 @@ def reference_models(runs: pd.DataFrame) -> dict[tuple[str, str], str]:
 
 def label(row: pd.Series, reference: str | None) -> tuple[str, str]:
     """(setting, family) of a run."""
+    if not isinstance(row["compressor"], str) or not isinstance(row["model"], str):
+        return "?", "?"  # an unreadable results.json
     if row["compressor"] == "none":
         setting, family = (BASE, "none") if row["model"] == reference else (row["model"], CHECKPOINT_FAMILY)
     else:
@@ -138,6 +142,15 @@ def label(row: pd.Series, reference: str | None) -> tuple[str, str]:
     if row["objective"] not in (None, "erm"):
         setting = f"{setting} [{row['objective']}]"
     return setting, family
+
+
+def base_label(row: pd.Series, reference: str | None) -> str:
+    """The row a run is compared with: its own model without compression (a compressed run), or the
+    reference model without compression (a checkpoint fine-tuned as is); same objective."""
+    if not isinstance(row["compressor"], str):
+        return "?"
+    model = row["model"] if row["compressor"] != "none" else reference
+    return label(pd.Series({**row.to_dict(), "model": model, "compressor": "none"}), reference)[0]
 
 
 def collect(paths: Iterable[str | Path] | str | Path) -> Collection:
@@ -163,9 +176,10 @@ def collect(paths: Iterable[str | Path] | str | Path) -> Collection:
     labels = [label(r, refs.get((r["experiment"], r["dataset"]))) for _, r in runs.iterrows()]
     runs["setting"] = [s for s, _ in labels]
     runs["family"] = [f for _, f in labels]
+    runs["base_setting"] = [base_label(r, refs.get((r["experiment"], r["dataset"]))) for _, r in runs.iterrows()]
     runs["reference_model"] = [refs.get((r["experiment"], r["dataset"])) for _, r in runs.iterrows()]
     runs["used"] = _latest_completed(runs)
-    order = ["status", "used", *KEY, "family", "model", "compressor", "objective", "size_mb", "params",
+    order = ["status", "used", *KEY, "family", "base_setting", "model", "compressor", "objective", "size_mb", "params",
              "acc_avg", "acc_wg", "val_acc_avg", "val_acc_wg", "worst_group", "base_acc_avg", "base_acc_wg",
              "seconds", "started", "finished", "error", "reference_model", "run_id", "predictions", "dir"]
     runs = runs[order + [c for c in runs.columns if c not in order]]

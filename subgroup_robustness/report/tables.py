@@ -21,11 +21,6 @@ CANONICAL = ["base", "bert_medium", "bert_small", "bert_mini", "bert_tiny", "dis
              "up80", "dq", "quant8", "sq", "qat", "vt100", "vt75", "vt50", "vt25"]
 
 
-def base_setting(setting: str) -> str:
-    """The base row of a setting: the same training objective, no compression."""
-    return BASE + setting[setting.index(" ["):] if " [" in setting else BASE
-
-
 def setting_order(setting: str) -> tuple:
     name, _, objective = setting.partition(" [")
     return (objective, CANONICAL.index(name) if name in CANONICAL else len(CANONICAL), name)
@@ -62,7 +57,7 @@ def summarize(col: Collection, n_boot: int = 2000, seed: int = 0,
             "acc_avg_mean": float(part["acc_avg"].mean()), "acc_avg_std": _std(part["acc_avg"]),
             "acc_wg_mean": float(part["acc_wg"].mean()), "acc_wg_std": _std(part["acc_wg"]),
         }
-        bname = base_setting(setting)
+        bname = part["base_setting"].iloc[0]
         bases = done[(done["experiment"] == exp) & (done["dataset"] == ds) & (done["setting"] == bname)]
         bases = bases.set_index("seed")
         d_avg, d_wg, pairs = [], [], []

@@ -15,7 +15,7 @@ from subgroup_robustness.compression.vocabulary import (
     VocabularyTransfer, build_tokenizer, fvt_rows, fvt_sources, masked_lm_for, target_vocab_size,
     train_in_domain_tokenizer, transfer_embeddings, wordpiece_split)
 from subgroup_robustness.utils.errors import ConfigError
-from tests.helpers import WORDS, compose, make_tiny_bert, run_in_process, tiny_overrides
+from tests.helpers import WORDS, compose, run_in_process, tiny_overrides
 
 # in-domain words the tiny base vocabulary has never seen as wholes: FVT must compose them from pieces
 NEW_WORDS = ["lazypeople", "goodguys", "smartgirls", "neverkind", "hatelove", "allthink", "somestupid"]
