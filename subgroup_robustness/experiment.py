@@ -35,7 +35,7 @@ from subgroup_robustness.utils.perf import configure_threads
 
 log = logging.getLogger(__name__)
 
-RUN_KEYS_EXCLUDED = ("paths", "logger", "hydra", "print_config", "skip_existing", "callbacks")
+RUN_KEYS_EXCLUDED = ("paths", "logger", "hydra", "print_config", "skip_existing", "callbacks", "cache_base")
 
 
 def run_identity(cfg: DictConfig) -> str:
@@ -160,7 +160,8 @@ def _execute(ctx: RunContext, stages: list[Compressor]) -> tuple[SequenceClassif
     pending: list[Compressor] = []
     if not stages:
         module = ctx.new_module()
-        ctx.fit(module, "finetune")
+        if ctx.base_info is None:  # cache_base=false: fine-tune here, outside the cache
+            ctx.fit(module, "finetune")
         return module, reports
     for i, st in enumerate(stages):
         t0 = time.perf_counter()
@@ -217,7 +218,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         dm.load_table()
         ctx.timing["data_load"] = time.perf_counter() - t0
 
-        if stages and stages[0].start_from == "finetuned":
+        # the uncompressed run IS the fine-tuned base: it fills (or reuses) the cache that post-training
+        # compressors start from, so a grid fine-tunes each base once and compares against that very model
+        if (stages and stages[0].start_from == "finetuned") or (not stages and cfg.get("cache_base", True)):
             ctx.model, ctx.tokenizer, ctx.base_info = ctx.finetuned_base()
             ctx.teacher = None
         else:

@@ -25,7 +25,8 @@ def test_results_schema(tiny_model_dir, redditbias_root, sr_env):
     assert {"test/acc_avg", "test/acc_wg", "test/acc/biased:female", "test/count/biased:female"} <= set(test)
     assert "val/acc_wg" in on_disk["metrics"]["val"]
     assert on_disk["model"]["params"] > 0 and on_disk["model"]["size_mb"] > 0
-    assert on_disk["timing"]["finetune"] > 0 and on_disk["timing"]["total"] >= on_disk["timing"]["finetune"]
+    assert on_disk["timing"]["base_finetune"] > 0 and on_disk["timing"]["total"] >= on_disk["timing"]["base_finetune"]
+    assert on_disk["base"]["reused"] is False and on_disk["phases"][0]["phase"] == "base_finetune"
     assert on_disk["config"]["seed"] == 3
     assert (out / "predictions.npz").exists()
     assert rec["run_id"] == on_disk["run_id"]

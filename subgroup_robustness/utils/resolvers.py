@@ -31,6 +31,8 @@ def auto_precision(value: str = "auto") -> str:
 
 
 def register() -> None:
+    if not OmegaConf.has_resolver("sr.job_dir"):
+        import subgroup_robustness.sweep  # noqa: F401 - registers sr.job_dir (deterministic sweep job dirs)
     if OmegaConf.has_resolver("sr.uid"):
         return
     # unique per process: two jobs that start in the same second never share a run directory
