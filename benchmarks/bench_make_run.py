@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, main
+from common import main
 
 
 def run(quick: bool = False, args: str = "") -> dict:
@@ -38,7 +38,7 @@ def run(quick: bool = False, args: str = "") -> dict:
     timing = rec.get("timing", {})
     phase = (rec.get("phases") or [{}])[0]
     rows = [{"command": "make run" + (f" ARGS='{' '.join(extra)}'" if extra else ""), "wall s": wall,
-             "peak RSS MB": rss, "fit s": timing.get("finetune", float("nan")), "epochs": phase.get("epochs"),
+             "peak RSS MB": rss, "fit s": phase.get("seconds", float("nan")), "epochs": phase.get("epochs"),
              "steps": phase.get("steps"), "eval s": timing.get("eval", float("nan")),
              "test acc_avg": test["test/acc_avg"], "test acc_wg": test["test/acc_wg"]}]
     print(tail[-1200:])

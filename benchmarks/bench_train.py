@@ -18,6 +18,7 @@ import tempfile
 
 from common import (StepClock, compose, framework, lightning_clock, main, median, plain_train, spread,
                     throughput)
+from subgroup_robustness.utils.perf import keep_freed_memory
 
 
 def run_framework(ctx, base, clock: StepClock, trainer_overrides: dict | None = None, **module_overrides) -> None:
@@ -75,11 +76,19 @@ def run_hf(ctx, base, clock: StepClock, tuned: bool = False) -> None:
             weight_decay=float(cfg.module.weight_decay), max_steps=clock.steps, lr_scheduler_type="linear",
             max_grad_norm=float(cfg.trainer.gradient_clip_val or 0.0), logging_strategy="no", save_strategy="no",
             report_to="none", use_cpu=not _cuda(), disable_tqdm=True, seed=int(ctx.datamodule.seed), dataloader_num_workers=0,
-            bf16=tuned, train_sampling_strategy="group_by_length" if tuned else "random",
+            bf16=tuned, **(_length_grouping(TrainingArguments) if tuned else {}),
         )
         trainer = Trainer(model=copy.deepcopy(base), args=args, train_dataset=TokenizedItems(ctx.datamodule.splits["train"]),
                           data_collator=collator, callbacks=[Clock()])
         trainer.train()
+
+
+def _length_grouping(args_cls) -> dict:
+    """Newer transformers releases spell it train_sampling_strategy, older ones group_by_length."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    return {"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in names else {"group_by_length": True}
 
 
 def _cuda() -> bool:
@@ -88,11 +97,22 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _allocator(keep: bool, fn):
+    """Run ``fn`` with the framework's allocator setting on (as in a run) or glibc's defaults (as a plain
+    ``python train.py`` with the HF Trainer gets)."""
+    def wrapped(*args):
+        keep_freed_memory(keep)
+        return fn(*args)
+
+    return wrapped
+
+
 CONTENDERS = {
-    "framework (Lightning)": lambda ctx, base, clock: run_framework(ctx, base, clock),
-    "plain loop, same batches": run_plain,
-    "HF Trainer (defaults)": lambda ctx, base, clock: run_hf(ctx, base, clock),
-    "HF Trainer + bf16 + group_by_length": lambda ctx, base, clock: run_hf(ctx, base, clock, tuned=True),
+    "framework (Lightning)": _allocator(True, lambda ctx, base, clock: run_framework(ctx, base, clock)),
+    "plain loop, same batches": _allocator(True, run_plain),
+    "HF Trainer (defaults)": _allocator(False, lambda ctx, base, clock: run_hf(ctx, base, clock)),
+    "HF Trainer + bf16 + group_by_length + allocator setting": _allocator(
+        True, lambda ctx, base, clock: run_hf(ctx, base, clock, tuned=True)),
 }
 
 

@@ -66,9 +66,9 @@ def framework(cfg):
     from hydra.utils import instantiate
 
     from subgroup_robustness.experiment import RunContext, instantiate_loggers
-    from subgroup_robustness.utils.perf import configure_threads
+    from subgroup_robustness.utils.perf import configure_process
 
-    configure_threads()
+    configure_process()  # as experiment.run does
     dm = instantiate(cfg.data, _recursive_=False)
     ctx = RunContext(cfg=cfg, datamodule=dm, output_dir=Path(cfg.paths.output_dir))
     ctx.loggers = list(instantiate_loggers(cfg.get("logger")))

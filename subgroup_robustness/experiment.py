@@ -31,7 +31,7 @@ from subgroup_robustness.report.wandb_log import log_summary
 from subgroup_robustness.results import RESULTS_FILE, base_record, is_completed, read_results, write_results
 from subgroup_robustness.utils.console import console, print_group_table
 from subgroup_robustness.utils.io import atomic_write_bytes, stable_hash
-from subgroup_robustness.utils.perf import configure_threads
+from subgroup_robustness.utils.perf import configure_process
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class RunContext:
         self.timing[phase] = t2 - t0
         return {"metrics": metrics, "groups": gm.results, "predictions": gm.test_predictions(),
                 "latency_ms_per_example": 1000 * (t2 - t1) / max(1, n_test),
-                "eval_device": "cpu" if on_cpu or not torch.cuda.is_available() else str(module.device)}
+                "eval_device": str(trainer.strategy.root_device)}
 
 
 def _execute(ctx: RunContext, stages: list[Compressor]) -> tuple[SequenceClassifier | None, list[dict]]:
@@ -198,7 +198,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         rec["skipped"] = True
         return rec
     t_start = time.perf_counter()
-    configure_threads()  # one per physical core this process may use (containers, pinned jobs)
+    configure_process()  # threads = physical cores this process may use; large freed blocks stay mapped
     expand_chain(cfg)  # compressor=chain: the members' stages, before the run's identity is taken
     run = {"dataset": cfg.dataset.name, "model": cfg.model.name, "compressor": cfg.compressor.name,
            "family": cfg.compressor.get("family", "none"), "seed": int(cfg.seed),

@@ -80,7 +80,8 @@ def select_heads(scores: Sequence[torch.Tensor], sparsity: float) -> list[list[i
     if n_prune > total - len(sizes):
         raise ConfigError(
             f"head pruning: sparsity={sparsity} asks to remove {n_prune} of {total} heads, but every layer keeps "
-            f"at least one head, so at most {total - len(sizes)} can go (sparsity <= {(total - len(sizes)) / total:.3f})"
+            f"at least one head, so at most {total - len(sizes)} can go "
+            f"(sparsity <= {(total - len(sizes)) / total:.3f})"
         )
     ranked = sorted((float(v), layer, head) for layer, s in enumerate(scores) for head, v in enumerate(s.tolist()))
     removed: list[set[int]] = [set() for _ in sizes]
@@ -136,13 +137,18 @@ def kept_heads(model: nn.Module) -> list[list[int]] | None:
 @contextlib.contextmanager
 def _quiet_transformers():
     """Loading our own checkpoint: transformers' load report and tensor-parallel notes are not news."""
+    from transformers.utils import logging as hf_logging
+
     logger = logging.getLogger("transformers")
-    level = logger.level
+    level, bars = logger.level, hf_logging.is_progress_bar_enabled()
     logger.setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         logger.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_pruned(folder: str | Path):
@@ -163,7 +169,8 @@ def load_pruned(folder: str | Path):
     setattr(model.config, KEPT_HEADS_KEY, None)
     prune_heads(model, keep)  # a fresh model has every original head, so original indices are positions
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else ["model.safetensors"])
     state: dict[str, torch.Tensor] = {}
     for name in files:
         if not (folder / name).exists():

@@ -206,8 +206,8 @@ def convert_qat(model: nn.Module, quantize_classifier: bool = True) -> nn.Module
 
     model = model.to("cpu").eval()
     quantize_(model, QATConfig(step="convert"))
-    quantize_(model, Int8DynamicActivationInt8WeightConfig(act_mapping_type=MappingType.ASYMMETRIC, set_inductor_config=False),
-              filter_fn=linear_filter(quantize_classifier))
+    config = Int8DynamicActivationInt8WeightConfig(act_mapping_type=MappingType.ASYMMETRIC, set_inductor_config=False)
+    quantize_(model, config, filter_fn=linear_filter(quantize_classifier))
     return model
 
 
@@ -298,5 +298,5 @@ class QuantizationAwareTraining(_Int8):
         model = ctx.model.to("cpu").eval()
         quantize_(model, QATConfig(step="convert"))  # plain fp32 Linears with the trained weights
         self._latency_before = cpu_latency_ms(model, ctx.datamodule, self.latency_batches)
-        ctx.model = convert_qat(model, self.quantize_classifier)
+        ctx.model = convert_qat(model, self.quantize_classifier)  # its convert step is now a no-op
         self._extra = {"method": "quantization-aware fine-tuning (torchao QATConfig), then int8 dynamic-activation"}

@@ -25,7 +25,7 @@ class GroupAccuracy(Metric):
         """preds, target: (B,); masks: (B, G) boolean group membership."""
         hit = (preds == target).long()
         m = masks.long()
-        self.correct += hit @ m
+        self.correct += (hit.unsqueeze(1) * m).sum(0)  # no integer matmul on CUDA
         self.total += m.sum(0)
         self.all_correct += hit.sum()
         self.all_total += hit.numel()

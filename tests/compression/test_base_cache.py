@@ -16,7 +16,9 @@ from tests.helpers import compose, run_in_process, tiny_overrides
 
 def entries(cache_root: Path) -> list[str]:
     bases = cache_root / "bases"
-    return sorted(p.name for p in bases.iterdir() if p.is_dir() and not p.name.startswith(".")) if bases.exists() else []
+    if not bases.exists():
+        return []
+    return sorted(p.name for p in bases.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def phases(rec) -> list[str]:

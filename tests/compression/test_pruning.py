@@ -133,7 +133,8 @@ def test_save_and_reload_give_identical_logits(tmp_path):
     with torch.no_grad():
         ref = m(**x).logits
     m.save_pretrained(tmp_path / "pruned", safe_serialization=True)
-    assert json.loads((tmp_path / "pruned" / "config.json").read_text())[KEPT_HEADS_KEY] == getattr(m.config, KEPT_HEADS_KEY)
+    saved = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert saved[KEPT_HEADS_KEY] == getattr(m.config, KEPT_HEADS_KEY)
     back = load_pruned(tmp_path / "pruned")
     assert heads_per_layer(back) == heads_per_layer(m)
     assert getattr(back.config, KEPT_HEADS_KEY) == getattr(m.config, KEPT_HEADS_KEY)

@@ -107,7 +107,8 @@ def test_sq_calibrates_every_linear_and_stays_close():
     calib = [batch(16, seed=s) for s in range(3)]
     qparams, seen = calibrate(copy.deepcopy(m), calib)
     assert seen == 48 and len(qparams) == 2 * 6 + 2
-    assert qparams["classifier"][0].shape == (1, 1) and qparams["bert.encoder.layer.0.attention.self.query"][0].shape == (1, 1, 1)
+    assert qparams["classifier"][0].shape == (1, 1)  # shaped like each Linear's input
+    assert qparams["bert.encoder.layer.0.attention.self.query"][0].shape == (1, 1, 1)
     q = static_int8(copy.deepcopy(m), qparams)
     assert all(v == "torch.int8" for v in quantized_linears(q).values())
     w = q.classifier.weight
