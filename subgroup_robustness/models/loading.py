@@ -103,6 +103,8 @@ def load_model(model_cfg: Mapping[str, Any], num_labels: int, label_names: list[
     from transformers import AutoModelForSequenceClassification
 
     path, _ = resolve_model_path(model_cfg)
+    if model_cfg.get("source") == "local" and _is_head_pruned(path):
+        return _load_pruned_local(model_cfg, path, num_labels)
     # a checkpoint fine-tuned for another task has a head of another size: start a fresh head
     kwargs: dict[str, Any] = {"num_labels": num_labels, "trust_remote_code": False,
                               "ignore_mismatched_sizes": True}
@@ -157,3 +159,25 @@ def _explicit_config(model_type: str, path: str, kwargs: dict[str, Any]) -> None
 def hf_offline_env() -> None:
     """Switch the hub off for the offline default (package and local sources never need it)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _is_head_pruned(path: str) -> bool:
+    import json
+
+    from subgroup_robustness.compression.pruning import KEPT_HEADS_KEY
+
+    with open(Path(path) / "config.json", encoding="utf-8") as fh:
+        return bool(json.load(fh).get(KEPT_HEADS_KEY))
+
+
+def _load_pruned_local(model_cfg: Mapping[str, Any], path: str, num_labels: int):
+    """A head-pruned checkpoint (e.g. a cached pr40 model) keeps its pruned shape and its head."""
+    from subgroup_robustness.compression.pruning import load_pruned
+
+    model = load_pruned(path)
+    if model.config.num_labels != num_labels:
+        raise ModelUnavailableError(
+            f"model {model_cfg.get('name')!r}: {path!r} is a head-pruned classifier with "
+            f"{model.config.num_labels} labels; this dataset has {num_labels}."
+        )
+    return model, load_tokenizer(model_cfg)
