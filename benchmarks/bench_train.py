@@ -16,6 +16,8 @@ import copy
 import gc
 import tempfile
 
+import torch
+
 from common import (StepClock, compose, framework, lightning_clock, main, median, plain_train, spread,
                     throughput)
 from subgroup_robustness.utils.perf import keep_freed_memory
@@ -149,17 +151,28 @@ def run(quick: bool = False, rounds: str | None = None, overrides: str = "", onl
     keys = list(CONTENDERS)
     fw, plain, hf = (median(rates.get(k, [])) for k in keys[:3])
     ref = hf if hf == hf else float("nan")
+
+    def ratio(a: str, b: str) -> float:
+        """Median over rounds of the within-round ratio: load that changes between rounds cancels."""
+        if a not in rates or b not in rates:
+            return float("nan")
+        return median([x / y for x, y in zip(rates[a], rates[b])])
+
+    speedup, rel_plain = ratio(keys[0], keys[2]), ratio(keys[0], keys[1])
     rows = []
     for name in names:
         m = median(rates[name])
         rows.append({"contender": name, "examples/s (median)": m, "rounds": " / ".join(f"{x:.0f}" for x in rates[name]),
                      "spread": spread(rates[name]), "padded tokens/example": median(tokens[name]),
-                     "vs HF Trainer": m / ref})
-    summary = {"framework_ex_s": fw, "plain_ex_s": plain, "hf_ex_s": hf, "speedup_vs_hf": fw / ref,
-               "overhead_vs_plain": 1 - fw / plain, "precision": str(cfg.trainer.precision)}
+                     "vs HF Trainer": ratio(name, keys[2])})
+    summary = {"framework_ex_s": fw, "plain_ex_s": plain, "hf_ex_s": hf, "speedup_vs_hf": speedup,
+               "overhead_vs_plain": 1 - rel_plain, "precision": str(cfg.trainer.precision),
+               "threads": torch.get_num_threads(), "rates": rates}
     notes = [
-        f"framework / HF Trainer = **{fw / ref:.2f}x**; framework overhead over the plain loop = "
-        f"**{100 * (1 - fw / plain):+.1f} %** (negative: the framework was faster)",
+        f"framework / HF Trainer = **{speedup:.2f}x**; framework overhead over the plain loop = "
+        f"**{100 * (1 - rel_plain):+.1f} %** (negative: the framework was faster); ratios are medians of "
+        "the within-round ratios",
+        f"torch threads: {torch.get_num_threads()}",
         f"framework precision: {cfg.trainer.precision} (auto-detected); batch {cfg.data.batch_size}, lr {cfg.module.lr}; "
         f"{rounds_n} rounds x {windows} windows x {window} steps after {warmup} warm-up steps per contender; "
         "each round starts from other batches (sampler seed + round), the same for all contenders in that round",
