@@ -33,7 +33,7 @@ def run(quick: bool = False) -> dict:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
         for name, compile_flag in (("eager (module.compile=false, default)", False),
                                    ("torch.compile, cold cache (module.compile=true)", True),
-                                   ("torch.compile, warm cache (second fit)", True)):
+                                   ("torch.compile, second fit in the same process", True)):
             clock = StepClock(warmup, windows, window)
             clock.marks.add(1)
             t = time.perf_counter()

@@ -14,7 +14,8 @@ EXTRA = {("model", "local"): ["model.path=/nonexistent"]}
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes(group, option, tmp_path):
-    overrides = [f"{group}={option}", *EXTRA.get((group, option), [])]
+    in_defaults = group in compose([]).hydra.runtime.choices  # e.g. `setting` is only added by grids
+    overrides = [f"{'' if in_defaults else '+'}{group}={option}", *EXTRA.get((group, option), [])]
     cfg = compose(overrides)
     assert cfg.dataset.name and cfg.model.name and cfg.compressor.name
 

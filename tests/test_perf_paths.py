@@ -338,3 +338,31 @@ def test_configure_threads_obeys_overrides(monkeypatch):
         assert perf.configure_threads() == 2 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# ---- allocator ------------------------------------------------------------------------------------
+def _faults_of_a_large_tensor() -> int:
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = torch.zeros(16_000_000)  # 64 MB: above glibc's 32 MB ceiling for reusing freed blocks
+    t += 1
+    del t
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_keep_freed_memory_stops_refaulting_large_blocks(monkeypatch):
+    if not perf.keep_freed_memory(True):
+        pytest.skip("not glibc: the setting does not apply")
+    try:
+        _faults_of_a_large_tensor()
+        kept = _faults_of_a_large_tensor()
+        perf.keep_freed_memory(False)
+        _faults_of_a_large_tensor()
+        default = _faults_of_a_large_tensor()
+    finally:
+        perf.keep_freed_memory(False)
+    # 64 MB = 15,625 pages: glibc's default maps them afresh (and the kernel zeroes them) on every allocation
+    assert default > 10_000 and kept < 1_000, (default, kept)
+    monkeypatch.setenv("SR_KEEP_FREED_MEMORY", "0")
+    assert perf.keep_freed_memory(True) is False  # the opt-out
