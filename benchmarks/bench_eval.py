@@ -100,8 +100,7 @@ def run(quick: bool = False, weights: str | None = None, compile: str | None = N
     if compile == "1":
         with tempfile.TemporaryDirectory() as cache:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # a cold compile, as a fresh machine pays it
-            for name, (m, bf16) in (("fp32 + torch.compile", (model, False)),
-                                     ("torchao int8 + torch.compile", (variants["torchao int8 dyn. act. + weight, eager"][0], False))):
+            for name, (m, bf16) in (("torchao int8 + torch.compile", (variants["torchao int8 dyn. act. + weight, eager"][0], False)),):
                 compiled = torch.compile(m, dynamic=True)
                 t = time.perf_counter()
                 predict(compiled, timing[:1], bf16)

@@ -61,6 +61,7 @@ class RunContext:
     timing: dict[str, float] = field(default_factory=dict)
     phases: list[dict[str, Any]] = field(default_factory=list)
     base_info: dict[str, Any] | None = None
+    base_evals: dict[str, Any] | None = None
     teacher: Any = None  # the fine-tuned base, for compressors that distil from it
 
     # ---- models ---------------------------------------------------------------------------------
@@ -85,6 +86,7 @@ class RunContext:
             module = self.new_module()
             self.fit(module, "base_finetune")
             evals = self.evaluate(module, "base_eval")
+            self.base_evals = evals  # compressor=none: this evaluation is the run's own
             info = {"key": key, "figures": model_figures(self.model), "groups": evals["groups"],
                     "metrics": evals["metrics"], "train_s": time.perf_counter() - t0,
                     "latency_ms_per_example": evals["latency_ms_per_example"]}
@@ -233,7 +235,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if module is None:
             module = ctx.new_module()
         on_cpu = any(s.eval_on_cpu for s in stages)
-        evals = ctx.evaluate(module, "eval", on_cpu=on_cpu)
+        if not stages and ctx.base_evals is not None:  # the base was just trained and tested
+            evals = ctx.base_evals
+        else:
+            evals = ctx.evaluate(module, "eval", on_cpu=on_cpu)
 
         record["metrics"] = evals["metrics"]
         record["groups"] = evals["groups"]
