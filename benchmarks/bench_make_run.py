@@ -16,14 +16,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import main
+from common import compose, main
 
 
 def run(quick: bool = False, args: str = "") -> dict:
     extra = [a for a in args.split(",") if a] + (["debug=fdr"] if quick else [])
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "subgroup_robustness", f"hydra.run.dir={out}", *extra]
+        # a fresh cache for the fine-tuned base and the token cache (a base cached by an earlier run would
+        # be reused, and nothing trained); the downloaded data stay where they are
+        data_dir = Path(compose([]).paths.data_dir)
+        cache = [f"paths.cache_dir={Path(tmp) / 'cache'}", f"paths.data_dir={data_dir}"]
+        cmd = [sys.executable, "-m", "subgroup_robustness", f"hydra.run.dir={out}", *cache, *extra]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         t = time.perf_counter()
         proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
@@ -40,7 +44,8 @@ def run(quick: bool = False, args: str = "") -> dict:
     rows = [{"command": "make run" + (f" ARGS='{' '.join(extra)}'" if extra else ""), "wall s": wall,
              "peak RSS MB": rss, "fit s": phase.get("seconds", float("nan")), "epochs": phase.get("epochs"),
              "steps": phase.get("steps"), "eval s": timing.get("eval", float("nan")),
-             "test acc_avg": test["test/acc_avg"], "test acc_wg": test["test/acc_wg"]}]
+             "test acc_avg": test["test/acc_avg"], "test acc_wg": test["test/acc_wg"],
+             "base reused": (rec.get("base") or {}).get("reused")}]
     print(tail[-1200:])
     notes = [f"target: under 5 minutes -> {'met' if wall < 300 else 'MISSED'} ({wall / 60:.1f} min); the wall time "
              "includes interpreter start-up, imports, model loading and the per-epoch validation"]

@@ -34,3 +34,15 @@ def sr_env(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture()
+def one_thread(monkeypatch):
+    """Tiny models: on a shared 2-core box thread hand-offs cost more than the maths (10x here)."""
+    import torch
+
+    monkeypatch.setenv("SR_NUM_THREADS", "1")  # experiment.run sets its threads from it
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

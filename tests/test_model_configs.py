@@ -20,14 +20,7 @@ from subgroup_robustness.utils.errors import ModelUnavailableError
 from tests.helpers import compose, run_in_process
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    """Tiny models: on a shared 2-core box thread hand-offs cost more than the maths (10x here)."""
-    monkeypatch.setenv("SR_NUM_THREADS", "1")  # experiment.run sets its threads from it
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # name -> (weights, tokenizer) as in the authors' main.py (tokenizer None: the checkpoint's own)
 PAPER = {

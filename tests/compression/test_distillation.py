@@ -18,14 +18,7 @@ from subgroup_robustness.utils.errors import ConfigError
 from tests.helpers import compose, make_tiny_bert, run_in_process, tiny_overrides
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    """Tiny models: on a shared 2-core box thread hand-offs cost more than the maths (10x here)."""
-    monkeypatch.setenv("SR_NUM_THREADS", "1")  # experiment.run sets its threads from it
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from subgroup_robustness.data.sources.common import SPLITS, download_url
-from subgroup_robustness.data.sources.multinli import archive_advice, download_failure
+from subgroup_robustness.data.sources.common import SPLITS, download_archive
+from subgroup_robustness.data.sources.multinli import archive_advice
 from subgroup_robustness.utils.errors import CorruptDataError, DataUnavailableError
 from subgroup_robustness.utils.io import file_lock
 
@@ -93,15 +93,7 @@ def fetch(cache_dir: Path, url: str = URL) -> Path:
     with file_lock(cache_dir / ".civilcomments.lock"):
         if dest.exists():
             return dest
-        if not archive.exists():
-            try:
-                download_url(url, archive, what=NAME)
-            except DataUnavailableError as exc:
-                raise DataUnavailableError(
-                    f"{NAME}: no local copy is configured and the download failed ({download_failure(exc, NAME)}). "
-                    f"{HOW_TO_POINT} "
-                    f"Or place {CSV_NAME} in {cache_dir}."
-                ) from None
+        download_archive(url, archive, what=NAME, how_to_point=HOW_TO_POINT, place=CSV_NAME)
         with archive_advice(archive, cached=True):
             extract_csv(archive, dest)
         archive.unlink()

@@ -108,3 +108,22 @@ def stratified_split(strata: Sequence, fractions: Sequence[float], seed: int) ->
 def copy_into(src: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dest)
+
+
+def download_failure(exc: Exception, what: str) -> str:
+    """The reason download_url gives, without its generic advice: each source says where its files go."""
+    text = str(exc).split(" Without network access")[0].rstrip(". ")
+    return text[len(what) + 2:] if text.startswith(f"{what}: ") else text
+
+
+def download_archive(url: str, archive: Path, *, what: str, how_to_point: str, place: str) -> Path:
+    """Download a source's archive once, or say how to provide the data by hand."""
+    if not archive.exists():
+        try:
+            download_url(url, archive, what=what)
+        except DataUnavailableError as exc:
+            raise DataUnavailableError(
+                f"{what}: no local copy is configured and the download failed ({download_failure(exc, what)}). "
+                f"{how_to_point} Or place {place} in {archive.parent}."
+            ) from None
+    return archive

@@ -35,7 +35,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from subgroup_robustness.data.sources.common import download_url, stratified_split
+from subgroup_robustness.data.sources.common import download_archive, download_failure, download_url, stratified_split
 from subgroup_robustness.utils.errors import ConfigError, CorruptDataError, DataUnavailableError
 from subgroup_robustness.utils.io import file_lock, stable_hash
 
@@ -141,12 +141,6 @@ def archive_advice(archive: Path, cached: bool) -> Iterator[None]:
             archive.unlink(missing_ok=True)
             raise CorruptDataError(f"{exc} It was removed; run again to download it afresh.") from None
         raise CorruptDataError(f"{exc} Replace it with a fresh copy.") from None
-
-
-def download_failure(exc: Exception, what: str) -> str:
-    """The reason download_url gives, without its generic advice: each source says where its files go."""
-    text = str(exc).split(" Without network access")[0].rstrip(". ")
-    return text[len(what) + 2:] if text.startswith(f"{what}: ") else text
 
 
 def md5_file(path: Path) -> str:
@@ -272,14 +266,7 @@ def fetch_official(cache_dir: Path, url: str = OFFICIAL_URL, md5: str | None = O
     with file_lock(cache_dir / ".multinli.lock"):
         if all((folder / f).exists() for f in OFFICIAL_FILES.values()):
             return folder
-        if not archive.exists():
-            try:
-                download_url(url, archive, what=NAME)
-            except DataUnavailableError as exc:
-                raise DataUnavailableError(
-                    f"{NAME}: no local copy is configured and the download failed ({download_failure(exc, NAME)}). "
-                    f"{HOW_TO_POINT} Or place multinli_1.0.zip in {cache_dir}."
-                ) from None
+        download_archive(url, archive, what=NAME, how_to_point=HOW_TO_POINT, place="multinli_1.0.zip")
         with archive_advice(archive, cached=True):
             actual = md5_file(archive) if md5 else None
             if actual != md5:

@@ -21,8 +21,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from subgroup_robustness.data.sources.common import SPLITS, download_url
-from subgroup_robustness.data.sources.multinli import archive_advice, download_failure, extract_members, read_jsonl
+from subgroup_robustness.data.sources.common import SPLITS, download_archive
+from subgroup_robustness.data.sources.multinli import archive_advice, extract_members, read_jsonl
 from subgroup_robustness.utils.errors import ConfigError, CorruptDataError, DataUnavailableError
 from subgroup_robustness.utils.io import file_lock, stable_hash
 
@@ -130,15 +130,7 @@ def fetch(cache_dir: Path, url: str = URL) -> Path:
     with file_lock(cache_dir / ".scotus.lock"):
         if all((folder / f).exists() for f in FILES.values()):
             return folder
-        if not archive.exists():
-            try:
-                download_url(url, archive, what=NAME)
-            except DataUnavailableError as exc:
-                raise DataUnavailableError(
-                    f"{NAME}: no local copy is configured and the download failed ({download_failure(exc, NAME)}). "
-                    f"{HOW_TO_POINT} "
-                    f"Or place scotus.zip in {cache_dir}."
-                ) from None
+        download_archive(url, archive, what=NAME, how_to_point=HOW_TO_POINT, place="scotus.zip")
         with archive_advice(archive, cached=True):
             extract_members(archive, {f: folder / f for f in FILES.values()}, NAME)
         archive.unlink()
