@@ -13,7 +13,6 @@ from typing import Any
 
 import lightning.pytorch as L
 import numpy as np
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
