@@ -43,7 +43,7 @@ def run(quick: bool = False, args: str = "") -> dict:
     phase = (rec.get("phases") or [{}])[0]
     rows = [{"command": "make run" + (f" ARGS='{' '.join(extra)}'" if extra else ""), "wall s": wall,
              "peak RSS MB": rss, "fit s": phase.get("seconds", float("nan")), "epochs": phase.get("epochs"),
-             "steps": phase.get("steps"), "eval s": timing.get("eval", float("nan")),
+             "steps": phase.get("steps"), "eval s": timing.get("eval", timing.get("base_eval", float("nan"))),
              "test acc_avg": test["test/acc_avg"], "test acc_wg": test["test/acc_wg"],
              "base reused": (rec.get("base") or {}).get("reused")}]
     print(tail[-1200:])

@@ -80,6 +80,11 @@ def report(results: dict[str, dict], machine: dict, quick: bool, total_s: float)
         "and absolute numbers are lower than on an idle machine; ratios are measured side by side)",
         "",
     ]
+    if os.environ.get("SR_NUM_THREADS"):
+        lines += [f"Torch threads were pinned to {os.environ['SR_NUM_THREADS']} per process (`--threads`), `make run` "
+                  "included. On a 2-core VM shared with other jobs, two OpenMP threads per process stall at every "
+                  "parallel region whenever a core is taken (measured here: 5 instead of ~100 examples/s), so "
+                  "one thread gives the stable, comparable numbers; an idle machine runs both cores faster.", ""]
     if quick:
         lines += ["**Quick mode: a few steps per benchmark; the numbers only show that everything runs.**", ""]
     v = verdicts(results)
