@@ -121,7 +121,7 @@ CONTENDERS = {
 def run(quick: bool = False, rounds: str | None = None, overrides: str = "", only: str = "",
         steps: str = "") -> dict:
     """``only``: indices of CONTENDERS to run (e.g. 0,1); ``steps``: warmup,windows,window."""
-    rounds_n = int(rounds or (1 if quick else 3))
+    rounds_n = int(rounds or (1 if quick else 4))
     warmup, windows, window = (1, 1, 2) if quick else (4, 2, 12)
     if steps:
         warmup, windows, window = (int(x) for x in steps.split(","))
@@ -133,15 +133,19 @@ def run(quick: bool = False, rounds: str | None = None, overrides: str = "", onl
     rates: dict[str, list[float]] = {k: [] for k in names}
     tokens: dict[str, list[float]] = {k: [] for k in names}
     data_share = []
+    steps_by: dict[str, list[list[float]]] = {k: [] for k in names}
     seed = int(cfg.seed)
     for r in range(rounds_n):
         ctx.datamodule.seed = seed + r  # each round times other batches; within a round all see the same data
-        for name in names:
+        # every other round runs the contenders in reverse order: whatever the previous contender leaves
+        # behind (allocator state, caches) then favours each side equally often
+        for name in (names if r % 2 == 0 else names[::-1]):
             fn = CONTENDERS[name]
             clock = StepClock(warmup, windows, window)
             extra = fn(ctx, base, clock)
             stats = clock.window_stats()
             rates[name].append(throughput(stats))
+            steps_by[name].append(clock.step_seconds())
             tokens[name].append(sum(s["tokens"] for s in stats) / max(1, sum(s["examples"] for s in stats)))
             if isinstance(extra, dict) and "data_s" in extra:
                 data_share.append(extra["data_s"] / max(1e-9, sum(s["seconds"] for s in stats)) *
@@ -159,6 +163,14 @@ def run(quick: bool = False, rounds: str | None = None, overrides: str = "", onl
         return median([x / y for x, y in zip(rates[a], rates[b])])
 
     speedup, rel_plain = ratio(keys[0], keys[2]), ratio(keys[0], keys[1])
+    # the framework and the plain loop run the same batches in the same order: step k of one against step
+    # k of the other, over all rounds. Another process stealing the CPU lengthens single steps, so the
+    # median of these paired ratios is far steadier than a ratio of window totals.
+    paired = [f / p for fr, pr in zip(steps_by.get(keys[0], []), steps_by.get(keys[1], []))
+              for f, p in zip(fr, pr)]
+    step_overhead = median(paired) - 1 if paired else float("nan")
+    extra_ms = median([1000 * (f - p) for fr, pr in zip(steps_by.get(keys[0], []), steps_by.get(keys[1], []))
+                       for f, p in zip(fr, pr)]) if paired else float("nan")
     rows = []
     for name in names:
         m = median(rates[name])
@@ -166,12 +178,15 @@ def run(quick: bool = False, rounds: str | None = None, overrides: str = "", onl
                      "spread": spread(rates[name]), "padded tokens/example": median(tokens[name]),
                      "vs HF Trainer": ratio(name, keys[2])})
     summary = {"framework_ex_s": fw, "plain_ex_s": plain, "hf_ex_s": hf, "speedup_vs_hf": speedup,
-               "overhead_vs_plain": 1 - rel_plain, "precision": str(cfg.trainer.precision),
+               "overhead_vs_plain": 1 - rel_plain, "step_overhead": step_overhead, "extra_ms_per_step": extra_ms,
+               "precision": str(cfg.trainer.precision),
                "threads": torch.get_num_threads(), "rates": rates}
     notes = [
         f"framework / HF Trainer = **{speedup:.2f}x**; framework overhead over the plain loop = "
         f"**{100 * (1 - rel_plain):+.1f} %** (negative: the framework was faster); ratios are medians of "
         "the within-round ratios",
+        f"step by step on the same batches (median of {len(paired)} paired step times): the framework's step takes "
+        f"**{100 * step_overhead:+.1f} %** ({extra_ms:+.1f} ms) against the plain loop's",
         f"torch threads: {torch.get_num_threads()}",
         f"framework precision: {cfg.trainer.precision} (auto-detected); batch {cfg.data.batch_size}, lr {cfg.module.lr}; "
         f"{rounds_n} rounds x {windows} windows x {window} steps after {warmup} warm-up steps per contender; "

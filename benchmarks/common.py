@@ -95,6 +95,7 @@ class StepClock:
         self.warmup, self.windows, self.window = warmup, windows, window
         self.marks = {warmup + k * window for k in range(windows + 1)}
         self.times: dict[int, float] = {}
+        self.stamps: list[float] = []  # every step's end; per-step durations are exact only on CPU
         self.shapes: list[tuple[int, int]] = []
 
     @property
@@ -107,6 +108,11 @@ class StepClock:
         if step in self.marks:
             sync()
             self.times[step] = time.perf_counter()
+        self.stamps.append(self.times.get(step) or time.perf_counter())
+
+    def step_seconds(self) -> list[float]:
+        """Durations of the timed steps (after warm-up), one per step, in order."""
+        return [b - a for a, b in zip(self.stamps[self.warmup - 1:], self.stamps[self.warmup:])]
 
     def window_stats(self) -> list[dict[str, float]]:
         out = []
@@ -326,7 +332,7 @@ def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
 
 def plain_train(model, batches: Iterable[dict], clock: StepClock, *, precision: str = "32-true",
                 lr: float = 2e-5, weight_decay: float = 0.0, clip: float | None = 1.0,
-                fused: bool = True) -> dict[str, float]:
+                fused: bool = True, autocast_cache: bool = True) -> dict[str, float]:
     """A minimal loop doing what the framework's step does (autocast, fused AdamW, linear schedule,
     clipping); returns the seconds spent fetching batches, to size the data loader's share."""
     import torch
@@ -347,7 +353,7 @@ def plain_train(model, batches: Iterable[dict], clock: StepClock, *, precision: 
         inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "token_type_ids")
                   if k in batch}
         labels = batch["labels"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=autocast_cache):
             loss = F.cross_entropy(model(**inputs).logits, labels)
         loss.backward()
         if clip:

@@ -53,8 +53,10 @@ def verdicts(results: dict[str, dict]) -> list[dict]:
                      "measured": f"{tr['speedup_vs_hf']:.2f}x (medians {tr['framework_ex_s']:.0f} vs {tr['hf_ex_s']:.0f} examples/s)",
                      "met": "yes" if tr["speedup_vs_hf"] >= 2.5 else "NO"})
         rows.append({"target": "framework overhead over the plain loop < 5 %",
-                     "measured": f"{100 * tr['overhead_vs_plain']:+.1f} % (medians {tr['framework_ex_s']:.0f} vs {tr['plain_ex_s']:.0f} examples/s)",
-                     "met": "yes" if tr["overhead_vs_plain"] < 0.05 else "NO"})
+                     "measured": f"{100 * tr['step_overhead']:+.1f} % per step on the same batches "
+                                 f"({tr['extra_ms_per_step']:+.1f} ms); window throughput "
+                                 f"{100 * tr['overhead_vs_plain']:+.1f} % ({tr['framework_ex_s']:.0f} vs {tr['plain_ex_s']:.0f} examples/s)",
+                     "met": "yes" if tr["step_overhead"] < 0.05 else "NO"})
     acc = results.get("accuracy", {}).get("summary")
     if acc:
         rows.append({"target": "fast-path test accuracy within noise of fp32",

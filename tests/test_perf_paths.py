@@ -10,6 +10,8 @@ from pathlib import Path
 
 import lightning.pytorch as L
 import numpy as np
+import os
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -187,7 +189,8 @@ def test_fused_adamw_except_under_fp16_scaling(precision, fused):
 
 
 # ---- logging without per-step host syncs ----------------------------------------------------------
-def test_train_loss_reaches_the_logger_and_the_cpu_progress_bar(tiny_model_dir, redditbias_root, sr_env):
+def test_train_loss_reaches_the_logger_and_the_cpu_progress_bar(tiny_model_dir, redditbias_root, sr_env,
+                                                                 monkeypatch):
     from lightning.pytorch.loggers import Logger
 
     from subgroup_robustness.models.loading import load_model
@@ -220,6 +223,18 @@ def test_train_loss_reaches_the_logger_and_the_cpu_progress_bar(tiny_model_dir, 
     assert sum("train/loss" in m for m in logged) == 3
     # on CPU the bar may show it (reading a CPU tensor costs nothing); on a GPU it is left out
     assert "train/loss" in trainer.progress_bar_metrics
+
+    # logging every 2nd step: the loss is logged exactly on the steps the logger records
+    logged.clear()
+    calls = []
+    module = instantiate(cfg.module)(model=model)
+    real_log = module.log
+    monkeypatch.setattr(module, "log", lambda *a, **k: (calls.append(module.global_step), real_log(*a, **k)))
+    trainer = instantiate(cfg.trainer, logger=Spy(), enable_progress_bar=False, default_root_dir=str(sr_env),
+                          limit_val_batches=0, log_every_n_steps=2, max_steps=5)
+    trainer.fit(module, datamodule=dm)
+    assert calls == [1, 3]  # steps 2 and 4 (0-based global_step at their start), not every step
+    assert [m["train/loss"] for m in logged if "train/loss" in m] and sum("train/loss" in m for m in logged) == 2
 
 
 # ---- torch.compile flag ---------------------------------------------------------------------------
@@ -354,14 +369,26 @@ def _faults_of_a_large_tensor() -> int:
 def test_keep_freed_memory_stops_refaulting_large_blocks(monkeypatch):
     if not perf.keep_freed_memory(True):
         pytest.skip("not glibc: the setting does not apply")
-    try:
-        _faults_of_a_large_tensor()
-        kept = _faults_of_a_large_tensor()
-        perf.keep_freed_memory(False)
-        _faults_of_a_large_tensor()
-        default = _faults_of_a_large_tensor()
-    finally:
-        perf.keep_freed_memory(False)
+    perf.keep_freed_memory(False)
+    # measured in a fresh interpreter: the heap layout left by earlier tests must not decide the outcome
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, torch\n"
+        "from subgroup_robustness.utils import perf\n"
+        "def faults():\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    t = torch.zeros(16_000_000); t += 1; del t\n"
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
+        "faults(); default = faults()\n"
+        "perf.keep_freed_memory(True); faults(); kept = faults()\n"
+        "print(default, kept)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "SR_KEEP_FREED_MEMORY": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    default, kept = map(int, out.stdout.split()[-2:])
     # 64 MB = 15,625 pages: glibc's default maps them afresh (and the kernel zeroes them) on every allocation
     assert default > 10_000 and kept < 1_000, (default, kept)
     monkeypatch.setenv("SR_KEEP_FREED_MEMORY", "0")

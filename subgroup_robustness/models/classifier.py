@@ -62,11 +62,18 @@ class SequenceClassifier(L.LightningModule):
             if self.ce_weight else outputs.logits.new_zeros(())
         for hook in self.loss_hooks:
             loss = loss + hook(self, batch, outputs)
-        # the progress bar turns its values into Python floats every step: free on CPU, but on a GPU that
-        # would wait for the step to finish each time; the logger still gets the loss every few steps
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=loss.device.type == "cpu",
-                 batch_size=batch["labels"].shape[0])
+        if self._logged_step():
+            # the progress bar turns its values into Python floats every step: free on CPU, but on a GPU
+            # that would wait for the step to finish each time, so there only the logger gets the loss
+            self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=loss.device.type == "cpu",
+                     batch_size=batch["labels"].shape[0])
         return loss
+
+    def _logged_step(self) -> bool:
+        """Lightning's loggers read step values every ``log_every_n_steps`` steps; a ``self.log`` call on the
+        steps in between is never read and costs ~1 ms of bookkeeping (measured in benchmarks/)."""
+        n = getattr(self._trainer, "log_every_n_steps", 1) if self._trainer is not None else 1
+        return n <= 1 or (self.global_step + 1) % n == 0
 
     def on_train_epoch_end(self):
         values = self.objective.epoch_log() if hasattr(self.objective, "epoch_log") else {}
