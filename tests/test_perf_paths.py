@@ -6,12 +6,11 @@ the timings live in benchmarks/."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lightning.pytorch as L
 import numpy as np
-import os
-
 import pytest
 import torch
 from hydra.utils import instantiate
