@@ -311,9 +311,12 @@ def main(name: str, run: Callable[..., dict[str, Any]]) -> None:
     result["seconds"] = time.perf_counter() - t0
     result["peak_rss_mb"] = peak_rss_mb()
     result["loadavg"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+    import torch
+
+    result["date"] = time.strftime("%Y-%m-%d %H:%M %Z")
     result.setdefault("notes", []).append(
-        f"{result['seconds']:.0f} s; load average {result['loadavg'][0]} at start, {result['loadavg'][1]} at end "
-        f"(of {os.cpu_count()} CPUs)")
+        f"run {result['date']} in {result['seconds']:.0f} s with {torch.get_num_threads()} torch thread(s); load "
+        f"average {result['loadavg'][0]} at start, {result['loadavg'][1]} at end (of {os.cpu_count()} CPUs)")
     print(render(result), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

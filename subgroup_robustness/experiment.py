@@ -25,6 +25,7 @@ from subgroup_robustness.metrics.group_metrics import flatten_metrics
 from subgroup_robustness.models.base_cache import BaseCache, base_key
 from subgroup_robustness.models.classifier import SequenceClassifier
 from subgroup_robustness.models.loading import load_model
+from subgroup_robustness.models.precision import precision_plugin
 from subgroup_robustness.report.significance import prediction_metadata
 from subgroup_robustness.report.wandb_log import log_summary
 from subgroup_robustness.results import RESULTS_FILE, base_record, is_completed, read_results, write_results
@@ -114,6 +115,10 @@ class RunContext:
         if on_cpu:
             kwargs.update(accelerator="cpu", devices=1, strategy="auto", precision="32-true")
         kwargs.update(overrides)
+        plugin = precision_plugin(kwargs.get("precision", self.cfg.trainer.get("precision")),
+                                  kwargs.get("accelerator", self.cfg.trainer.get("accelerator")))
+        if plugin is not None:  # Lightning refuses a precision string next to a precision plugin
+            kwargs.update(precision=None, plugins=[*kwargs.get("plugins", []), plugin])
         return instantiate(self.cfg.trainer, callbacks=self._callbacks(training), logger=self.loggers or False,
                            default_root_dir=str(self.output_dir), **kwargs)
 
