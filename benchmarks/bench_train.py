@@ -135,6 +135,11 @@ def run(quick: bool = False, rounds: str | None = None, overrides: str = "", onl
     data_share = []
     steps_by: dict[str, list[list[float]]] = {k: [] for k in names}
     seed = int(cfg.seed)
+    if not quick:
+        # whichever contender runs first in the process pays one-time costs (lazy initialisation, first-use
+        # kernels, heap growth) that have nothing to do with its code: one short untimed pass of each first
+        for name in names:
+            CONTENDERS[name](ctx, base, StepClock(2, 1, 2))
     for r in range(rounds_n):
         ctx.datamodule.seed = seed + r  # each round times other batches; within a round all see the same data
         # every other round runs the contenders in reverse order: whatever the previous contender leaves
@@ -154,7 +159,6 @@ def run(quick: bool = False, rounds: str | None = None, overrides: str = "", onl
             gc.collect()
     keys = list(CONTENDERS)
     fw, plain, hf = (median(rates.get(k, [])) for k in keys[:3])
-    ref = hf if hf == hf else float("nan")
 
     def ratio(a: str, b: str) -> float:
         """Median over rounds of the within-round ratio: load that changes between rounds cancels."""
@@ -189,7 +193,8 @@ def run(quick: bool = False, rounds: str | None = None, overrides: str = "", onl
         f"**{100 * step_overhead:+.1f} %** ({extra_ms:+.1f} ms) against the plain loop's",
         f"torch threads: {torch.get_num_threads()}",
         f"framework precision: {cfg.trainer.precision} (auto-detected); batch {cfg.data.batch_size}, lr {cfg.module.lr}; "
-        f"{rounds_n} rounds x {windows} windows x {window} steps after {warmup} warm-up steps per contender; "
+        f"{rounds_n} rounds x {windows} windows x {window} steps after {warmup} warm-up steps per contender"
+        f"{'' if quick else ' (and, before the first round, one untimed 4-step pass of each)'}; "
         "each round starts from other batches (sampler seed + round), the same for all contenders in that round",
         f"batch fetching + collation in the plain loop: {100 * median(data_share):.1f} % of step time "
         "(why DataLoader workers stay at 0: the splits are tokenized once and collation is cheap)",

@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE))
 import common  # noqa: E402
 
 # order matters: accuracy saves the fine-tuned model that eval measures
-BENCHMARKS = ["train", "padding", "flops", "accuracy", "eval", "compile", "make_run"]
+BENCHMARKS = ["train", "overhead", "padding", "flops", "accuracy", "eval", "compile", "make_run"]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -52,6 +52,15 @@ def verdicts(results: dict[str, dict]) -> list[dict]:
         rows.append({"target": "framework training >= 2.5x the HF Trainer (same run)",
                      "measured": f"{tr['speedup_vs_hf']:.2f}x (medians {tr['framework_ex_s']:.0f} vs {tr['hf_ex_s']:.0f} examples/s)",
                      "met": "yes" if tr["speedup_vs_hf"] >= 2.5 else "NO"})
+    ov = results.get("overhead", {}).get("summary")
+    if ov:
+        inproc = (f"; in one process, interleaved (bench_train): {100 * tr['step_overhead']:+.1f} % per step, window "
+                  f"throughput {100 * tr['overhead_vs_plain']:+.1f} %, which moves with the heap state") if tr else ""
+        rows.append({"target": "framework overhead over the plain loop < 5 %",
+                     "measured": f"{100 * ov['overhead']:+.1f} % per step ({ov['extra_ms']:+.1f} ms), median of "
+                                 f"{ov['pairs']} fresh-process pairs (bench_overhead){inproc}",
+                     "met": "yes" if ov["overhead"] < 0.05 else "NO"})
+    elif tr:
         rows.append({"target": "framework overhead over the plain loop < 5 %",
                      "measured": f"{100 * tr['step_overhead']:+.1f} % per step on the same batches "
                                  f"({tr['extra_ms_per_step']:+.1f} ms); window throughput "

@@ -50,7 +50,7 @@ def test_offline_grid_replaces_checkpoints_by_students_and_composes():
     for s in settings:
         cfg = compose(["experiment=offline_grid", f"setting={s}"])
         assert (cfg.model.name, cfg.compressor.name) == ("minilm_l6", "none" if s == "base" else s)
-        assert cfg.dataset.name == "redditbias" and cfg.dataset.subsample.train == 2000
+        assert cfg.dataset.name == "redditbias" and cfg.dataset.subsample.train == 4000
     smoke = compose(["experiment=smoke"])
     assert smoke.trainer.limit_train_batches == 2 and smoke.experiment_name == "smoke"
     assert smoke.hydra.sweeper.params.setting.split(",") == settings  # every setting, a few steps each
