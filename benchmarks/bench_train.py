@@ -5,7 +5,8 @@ lr 2e-5) in one process, interleaved in rounds so that load from other processes
 - framework: SequenceClassifier + GroupDataModule + the Lightning Trainer, built from the config with
   its callbacks and logger, as ``make run`` builds them;
 - plain loop: the same batches and the same step (autocast, fused AdamW, clipping, schedule), no
-  Lightning: the difference is the framework's own overhead;
+  Lightning: the difference is the framework's own overhead (in one process it moves with the heap
+  state; bench_overhead.py measures it across fresh processes);
 - HF Trainer: transformers ``Trainer`` + ``DataCollatorWithPadding`` with its defaults (random batches,
   fp32), as the paper's code ran it; and, for reference, the Trainer with bf16 and length grouping.
 """

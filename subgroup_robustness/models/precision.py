@@ -30,8 +30,5 @@ def precision_plugin(precision: str, accelerator: str | None) -> CachedBF16Autoc
     acc = str(accelerator or "auto")
     if acc == "auto":
         acc = "cuda" if torch.cuda.is_available() else "cpu"
-    if acc in ("gpu", "cuda"):
-        return CachedBF16Autocast("cuda")
-    if acc == "cpu":
-        return CachedBF16Autocast("cpu")
-    return None  # mps, tpu, ...: Lightning knows best
+    device = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda"}.get(acc)
+    return CachedBF16Autocast(device) if device else None  # mps, tpu, ...: Lightning knows best
