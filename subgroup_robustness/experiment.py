@@ -1,5 +1,12 @@
-"""The stages of one run: data -> model -> compress (before / during / after fine-tuning) -> test ->
-record. Everything configurable arrives through the Hydra config; nothing here knows a dataset or a
+"""One run in three steps: ``prepare`` (process settings, the chain's stages, the data module, loggers,
+and the model it starts from: the cached fine-tuned base or the pretrained model), ``execute`` (the
+stages and the one fine-tuning schedule of ``chain.fit_schedule``) and ``record`` (results.json and
+predictions.npz through ``results.py``). ``run`` strings them together and never edits its config: a
+chain is expanded at the entry point (``run.task``) before the run's identity is taken.
+
+The run owns every assignment of the model, the tokenizer and the teacher: a compressor receives the
+:class:`RunContext` as a read-only ``CompressionContext`` and returns a ``Compressed``. Size, parameters,
+dtypes and CPU latency are measured here before and after every stage. Nothing here knows a dataset or a
 compressor by name."""
 
 from __future__ import annotations
@@ -9,65 +16,120 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import lightning.pytorch as L
-import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from subgroup_robustness.compression.base import Compressor, model_figures
-from subgroup_robustness.compression.chain import expand_chain, validate_chain  # noqa: F401 - re-exported
+from subgroup_robustness.compression.base import Compressor
+from subgroup_robustness.compression.chain import fit_schedule, validate_chain
+from subgroup_robustness.compression.context import Compressed
 from subgroup_robustness.data.datamodule import GroupDataModule
 from subgroup_robustness.data.groups import PRIMARY
-from subgroup_robustness.metrics.callbacks import GroupMetrics
+from subgroup_robustness.metrics.callbacks import BestWeights, GroupMetrics
 from subgroup_robustness.metrics.group_metrics import flatten_metrics
 from subgroup_robustness.models.base_cache import BaseCache, base_key
 from subgroup_robustness.models.classifier import SequenceClassifier
+from subgroup_robustness.models.figures import cpu_latency_ms, model_figures
 from subgroup_robustness.models.loading import load_model
 from subgroup_robustness.models.precision import precision_plugin
-from subgroup_robustness.report.significance import prediction_metadata
 from subgroup_robustness.report.wandb_log import log_summary
-from subgroup_robustness.results import RESULTS_FILE, base_record, is_completed, read_results, write_results
+from subgroup_robustness.results import (PREDICTIONS_FILE, RESULTS_FILE, base_record, encode_predictions,
+                                         read_record, test_metadata, write_results)
 from subgroup_robustness.utils.console import console, print_group_table
+from subgroup_robustness.utils.errors import instantiate_or_explain
 from subgroup_robustness.utils.io import atomic_write_bytes, stable_hash
-from subgroup_robustness.utils.perf import configure_process
+from subgroup_robustness.utils.locks import JobLock
+from subgroup_robustness.utils.perf import configure_process, release_memory
 
 log = logging.getLogger(__name__)
 
-RUN_KEYS_EXCLUDED = ("paths", "logger", "hydra", "print_config", "skip_existing", "callbacks", "cache_base")
+# not part of what a run computes: where it writes, how it logs, what it measures besides the metrics
+RUN_KEYS_EXCLUDED = ("paths", "logger", "hydra", "print_config", "skip_existing", "callbacks", "cache_base",
+                     "measure")
 
 
 def run_identity(cfg: DictConfig) -> str:
-    """Hash of the resolved config minus output paths and logging: the run's identity."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    return stable_hash({k: v for k, v in c.items() if k not in RUN_KEYS_EXCLUDED}, 16)
+    """Hash of the resolved config minus output paths and logging: the run's identity. A stored result is
+    reused only when its identity equals the new one."""
+    return stable_hash(identity_payload(cfg), 16)
 
 
 def build_stages(compressor_cfg: DictConfig) -> list[Compressor]:
-    stages = [instantiate(s) for s in (compressor_cfg.get("stages") or [])]
+    """The chain's compressors, their arguments checked (constructors validate) and their order checked,
+    before any model or data is loaded."""
+    stages = [instantiate_or_explain(s) for s in (compressor_cfg.get("stages") or [])]
     validate_chain(stages, compressor_cfg.get("members"))
     return stages
 
 
+def starts_from_base(cfg: DictConfig, stages: list[Compressor]) -> bool:
+    """The one rule for where a run starts: from the cached fine-tuned base when its first stage asks for
+    it, or when it has no stages (``compressor=none`` *is* the base and fills the cache; ``cache_base=false``
+    fine-tunes outside it); otherwise from the pretrained model."""
+    if stages:
+        return stages[0].start_from == "finetuned"
+    return bool(cfg.get("cache_base", True))
+
+
 @dataclass
 class RunContext:
+    """The run's state. Satisfies ``compression.context.CompressionContext``; only the experiment writes it."""
+
     cfg: DictConfig
-    datamodule: GroupDataModule
-    output_dir: Path
+    data: GroupDataModule
+    workdir: Path
     model: Any = None
     tokenizer: Any = None
+    teacher: Any = None  # the model a 'during' stage distils from, for the fine-tuning right after it
+    base: dict[str, Any] | None = None  # the cached fine-tuned base's record, when the run started from it
+    base_evals: dict[str, Any] | None = None  # set when the base was fine-tuned (and tested) in this run
     loggers: list = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
     phases: list[dict[str, Any]] = field(default_factory=list)
-    base_info: dict[str, Any] | None = None
-    base_evals: dict[str, Any] | None = None
-    teacher: Any = None  # the fine-tuned base, for compressors that distil from it
+
+    # ---- the CompressionContext surface ------------------------------------------------------------
+    @property
+    def seed(self) -> int:
+        return int(self.cfg.seed)
+
+    @property
+    def model_spec(self) -> Mapping[str, Any]:
+        return OmegaConf.to_container(self.cfg.model, resolve=True)  # type: ignore[return-value]
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.cfg.dataset.label_names)
+
+    def model_config(self, name: str) -> Mapping[str, Any]:
+        from subgroup_robustness.utils.compose import compose_group
+
+        return compose_group("model", name)
+
+    def make_trainer(self, **overrides: Any) -> L.Trainer:
+        """A Trainer from the run's trainer config for a compressor's own training: no loggers, no
+        checkpoints, the run's progress bar."""
+        progress = (self.cfg.get("callbacks") or {}).get("progress")
+        callbacks = [*( [_instantiate_callback(progress)] if progress else []), *overrides.pop("callbacks", [])]
+        kwargs = dict(logger=False, enable_checkpointing=False, enable_progress_bar=bool(progress),
+                      default_root_dir=str(self.workdir), callbacks=callbacks)
+        kwargs.update(overrides)
+        return instantiate(self.cfg.trainer, **kwargs)
+
+    def take(self, result: Compressed | None) -> None:
+        """Apply what a stage returned; re-tokenise the data when the tokenizer changed."""
+        if result is None:
+            return
+        self.model = result.model
+        if result.tokenizer is not None and result.tokenizer is not self.tokenizer:
+            self.tokenizer = result.tokenizer
+            self.data.set_tokenizer(self.tokenizer)
+        self.teacher = result.teacher
 
     # ---- models ---------------------------------------------------------------------------------
     def pretrained(self):
-        ds = self.cfg.dataset
-        return load_model(self.cfg.model, len(ds.label_names), list(ds.label_names))
+        return load_model(self.cfg.model, len(self.label_names), self.label_names)
 
     def new_module(self) -> SequenceClassifier:
         objective = instantiate(self.cfg.objective) if self.cfg.get("objective") else None
@@ -82,7 +144,7 @@ class RunContext:
         def train():
             t0 = time.perf_counter()
             self.model, self.tokenizer = self.pretrained()
-            self.datamodule.set_tokenizer(self.tokenizer)
+            self.data.set_tokenizer(self.tokenizer)
             module = self.new_module()
             self.fit(module, "base_finetune")
             evals = self.evaluate(module, "base_eval")
@@ -90,22 +152,25 @@ class RunContext:
             info = {"key": key, "figures": model_figures(self.model), "groups": evals["groups"],
                     "metrics": evals["metrics"], "train_s": time.perf_counter() - t0,
                     "latency_ms_per_example": evals["latency_ms_per_example"]}
-            return self.model, self.tokenizer, info
+            files = {}
+            if evals["predictions"] is not None:  # what every later run of this base compares against
+                files[PREDICTIONS_FILE] = self.prediction_bytes(evals)
+            return self.model, self.tokenizer, info, files
 
         model, tokenizer, info, reused = cache.get_or_train(key, train)
-        info = dict(info, reused=reused, cache_dir=str(cache.entry(key)))
+        info = dict(info, reused=reused, cache_dir=str(cache.entry(key)), cache_notes=list(cache.notes))
         console.print(f"[dim]fine-tuned base {'reused from' if reused else 'stored in'} {cache.entry(key)}[/dim]")
         return model, tokenizer, info
 
     # ---- training and evaluation --------------------------------------------------------------
     def _callbacks(self, training: bool) -> list[L.Callback]:
         out = []
-        for name, spec in (self.cfg.get("callbacks") or {}).items():
+        for _, spec in (self.cfg.get("callbacks") or {}).items():
             if spec is None:
                 continue
-            if not training and name in ("early_stopping", "best_weights", "model_checkpoint"):
+            if not training and spec.get("fit_only", False):
                 continue
-            out.append(instantiate(spec))
+            out.append(_instantiate_callback(spec))
         if not any(isinstance(c, GroupMetrics) for c in out):
             out.append(GroupMetrics())
         return out
@@ -120,19 +185,20 @@ class RunContext:
         if plugin is not None:  # Lightning refuses a precision string next to a precision plugin
             kwargs.update(precision=None, plugins=[*kwargs.get("plugins", []), plugin])
         return instantiate(self.cfg.trainer, callbacks=self._callbacks(training), logger=self.loggers or False,
-                           default_root_dir=str(self.output_dir), **kwargs)
+                           default_root_dir=str(self.workdir), **kwargs)
 
-    def fit(self, module: SequenceClassifier, phase: str) -> dict[str, Any]:
+    def fit(self, module: SequenceClassifier, phase: str, precision: str | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         if hasattr(module.objective, "setup"):
-            dm = self.datamodule
+            dm = self.data
             dm.setup()
             counts = dm.primary.masks(dm.splits["train"].metadata).sum(0)
             module.objective.setup(dm.primary, counts)
-        trainer = self.trainer(training=True)
-        trainer.fit(module, datamodule=self.datamodule)
-        best = next((c for c in trainer.callbacks if type(c).__name__ == "BestWeights"), None)
+        trainer = self.trainer(training=True, **({"precision": precision} if precision else {}))
+        trainer.fit(module, datamodule=self.data)
+        best = next((c for c in trainer.callbacks if isinstance(c, BestWeights)), None)
         info = {"phase": phase, "epochs": trainer.current_epoch, "steps": trainer.global_step,
+                "precision": str(trainer.precision),
                 "best_epoch": getattr(best, "best_epoch", None), "best_value": getattr(best, "best", None),
                 "seconds": time.perf_counter() - t0}
         self.timing[phase] = info["seconds"]
@@ -142,9 +208,9 @@ class RunContext:
     def evaluate(self, module: SequenceClassifier, phase: str, on_cpu: bool = False) -> dict[str, Any]:
         t0 = time.perf_counter()
         trainer = self.trainer(training=False, on_cpu=on_cpu)
-        trainer.validate(module, datamodule=self.datamodule, verbose=False)
+        trainer.validate(module, datamodule=self.data, verbose=False)
         t1 = time.perf_counter()
-        trainer.test(module, datamodule=self.datamodule, verbose=False)
+        trainer.test(module, datamodule=self.data, verbose=False)
         t2 = time.perf_counter()
         gm = next(c for c in trainer.callbacks if isinstance(c, GroupMetrics))
         metrics: dict[str, dict[str, float]] = {}
@@ -155,135 +221,246 @@ class RunContext:
         n_test = gm.results["test"][PRIMARY]["n"]
         self.timing[phase] = t2 - t0
         return {"metrics": metrics, "groups": gm.results, "predictions": gm.test_predictions(),
+                "probabilities": gm.test_probabilities(),
                 "latency_ms_per_example": 1000 * (t2 - t1) / max(1, n_test),
                 "eval_device": str(trainer.strategy.root_device)}
 
+    def prediction_bytes(self, evals: dict[str, Any]) -> bytes:
+        """predictions.npz of an evaluation: every test example's label, prediction, class probabilities and
+        group metadata (read from the table, so every path that produced the model writes it)."""
+        index, label, pred = (evals["predictions"][:, i].numpy() for i in range(3))
+        meta = test_metadata(self.data.table, self.data.columns, index)
+        probs = evals.get("probabilities")
+        extra = {"probs": probs.numpy()} if probs is not None else {}
+        return encode_predictions(index, label, pred, meta, **extra)
 
-def _execute(ctx: RunContext, stages: list[Compressor]) -> tuple[SequenceClassifier | None, list[dict]]:
-    """Run the chain; consecutive 'before'/'during' stages share one fine-tuning."""
+    def latency(self) -> float | None:
+        """fp32 CPU latency per example over a few test batches (``measure.latency_batches``)."""
+        picks = int((self.cfg.get("measure") or {}).get("latency_batches", 4))
+        return cpu_latency_ms(self.model, self.data.test_dataloader, picks)
+
+
+def _instantiate_callback(spec):
+    """A callback from its config entry; ``fit_only`` marks callbacks that only make sense while fitting
+    (early stopping, best weights, checkpoints) and is not a constructor argument."""
+    spec = OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else dict(spec)
+    spec.pop("fit_only", None)
+    return instantiate(spec)
+
+
+# ---- the three steps ----------------------------------------------------------------------------------
+def prepare(cfg: DictConfig, stages: list[Compressor] | None = None) -> RunContext:
+    """Process settings, data module (table loaded), loggers, and the model the first stage starts from."""
+    configure_process()  # threads = physical cores this process may use; large freed blocks stay mapped
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    stages = build_stages(cfg.compressor) if stages is None else stages
+    dm = instantiate(cfg.data, _recursive_=False)
+    ctx = RunContext(cfg=cfg, data=dm, workdir=Path(cfg.paths.output_dir))
+    ctx.loggers = list(instantiate_loggers(cfg.get("logger")))
+    t0 = time.perf_counter()
+    dm.load_table()
+    ctx.timing["data_load"] = time.perf_counter() - t0
+    if starts_from_base(cfg, stages):
+        ctx.model, ctx.tokenizer, ctx.base = ctx.finetuned_base()
+    else:
+        ctx.model, ctx.tokenizer = ctx.pretrained()
+    dm.set_tokenizer(ctx.tokenizer)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    return ctx
+
+
+def execute(ctx: RunContext, stages: list[Compressor]) -> tuple[SequenceClassifier | None, list[dict]]:
+    """Run the chain. A stage's fine-tuning is shared with the training 'during' stages right after it
+    (``fit_schedule``); the returned module is the last one fine-tuned, or None when the model changed after
+    it. Without stages, the model is fine-tuned here unless it is the cached base."""
+    if not stages:
+        module = ctx.new_module()
+        if ctx.base is None:  # cache_base=false: fine-tune here, outside the cache
+            ctx.fit(module, "finetune")
+        return module, []
     module = None
     reports: list[dict[str, Any]] = []
     pending: list[Compressor] = []
-    if not stages:
-        module = ctx.new_module()
-        if ctx.base_info is None:  # cache_base=false: fine-tune here, outside the cache
-            ctx.fit(module, "finetune")
-        return module, reports
-    for i, st in enumerate(stages):
+    for st, fit_now in zip(stages, fit_schedule(stages)):
         t0 = time.perf_counter()
-        st.apply(ctx)
-        if ctx.datamodule.tokenizer is not ctx.tokenizer:  # e.g. vocabulary transfer
-            ctx.datamodule.set_tokenizer(ctx.tokenizer)
-        nxt = stages[i + 1] if i + 1 < len(stages) else None
+        latency_before = ctx.latency()
+        ctx.take(st.apply(ctx))
         if st.trains:
             pending.append(st)
-        if pending and not (nxt is not None and nxt.stage == "during" and nxt.trains):
+        if fit_now:
             module = ctx.new_module()
             for p in pending:
                 p.configure_module(ctx, module)
-            ctx.fit(module, f"finetune_{'+'.join(p.name for p in pending)}")
+            precision = next((p.fit_precision for p in pending if p.fit_precision), None)
+            ctx.fit(module, f"finetune_{'+'.join(p.name for p in pending)}", precision)
             for p in pending:
-                p.finalize(ctx)
+                result = p.finalize(ctx)
+                if result is not None:
+                    ctx.take(Compressed(result.model, result.tokenizer, ctx.teacher))
+                    module = None
+            ctx.teacher = None  # held only for the fine-tuning right after the stage that set it
             pending = []
         elif not st.trains:
-            st.finalize(ctx)
+            ctx.take(st.finalize(ctx))
+            module = None
+        if module is not None and module.model is not ctx.model:
             module = None
         reports.append({"name": st.name, "family": st.family, "stage": st.stage, "settings": st.settings(),
                         **st.report(ctx), "figures": model_figures(ctx.model),
+                        "cpu_latency_ms_per_example": {"before": latency_before, "after": ctx.latency()},
                         "seconds": time.perf_counter() - t0})
     return module, reports
 
 
+def record(rec: dict[str, Any], ctx: RunContext, stages: list[Compressor], evals: dict[str, Any],
+           reports: list[dict[str, Any]], base_figures: dict[str, Any]) -> dict[str, Any]:
+    """Fill the run's record and write predictions.npz (with every test example's group metadata)."""
+    cfg = ctx.cfg
+    rec["metrics"] = evals["metrics"]
+    rec["groups"] = evals["groups"]
+    rec["model"] = {**model_figures(ctx.model), "latency_ms_per_example": evals["latency_ms_per_example"],
+                    "eval_device": evals["eval_device"]}
+    rec["base"] = {"figures": (ctx.base or {}).get("figures", base_figures)}
+    if ctx.base:
+        rec["base"].update({k: ctx.base.get(k) for k in ("metrics", "groups", "key", "reused", "cache_dir",
+                                                          "latency_ms_per_example", "cache_notes")})
+    rec["compression"] = {"name": cfg.compressor.name, "family": rec["run"]["family"], "stages": reports}
+    rec["phases"] = ctx.phases
+    if evals["predictions"] is not None:
+        atomic_write_bytes(ctx.workdir / PREDICTIONS_FILE, ctx.prediction_bytes(evals))
+        rec["predictions"] = PREDICTIONS_FILE
+    return rec
+
+
+def sweep_params() -> dict[str, Any] | None:
+    """The sweep lists of the multirun this job belongs to (the report orders rows by them)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        params = HydraConfig.get().sweeper.get("params") or {}
+    except ValueError:  # not under Hydra
+        return None
+    return {"params": {k: str(v) for k, v in params.items()}} if params else None
+
+
+def run_summary(cfg: DictConfig) -> dict[str, Any]:
+    return {"dataset": cfg.dataset.name, "model": cfg.model.name, "compressor": cfg.compressor.name,
+            "family": cfg.compressor.get("family", "none"), "seed": int(cfg.seed),
+            "objective": (cfg.get("objective") or {}).get("name", "erm"),
+            "experiment": cfg.get("experiment_name", "default"), "task_name": cfg.get("task_name")}
+
+
+def identity_payload(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    return {k: v for k, v in c.items() if k not in RUN_KEYS_EXCLUDED}
+
+
+def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 8) -> list[str]:
+    """Dotted keys whose values differ between two configs (what made a stored result stale)."""
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, Mapping):
+            out: dict[str, Any] = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: d}
+
+    a, b = flat(identity_payload(old)), flat(identity_payload(new))
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    return keys[:limit] + ([f"... {len(keys) - limit} more"] if len(keys) > limit else [])
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Ctrl-C, also after Lightning turned it into ``sys.exit(1)`` inside its KeyboardInterrupt handler."""
+    return isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit)
+                                                  and isinstance(exc.__context__, KeyboardInterrupt))
+
+
+def _error_message(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename:  # disk full, read-only folder: name the path
+        return f"cannot write or read {exc.filename}: {exc.strerror or exc}"
+    return str(exc)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
+    """One job, owned by one live process: skipped when a completed result of the same identity exists,
+    re-run (saying which keys changed) when the stored one is stale, corrupt, failed or interrupted."""
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     res_path = out_dir / RESULTS_FILE
-    if cfg.get("skip_existing", True) and is_completed(res_path):
-        console.print(f"[green]skipped[/green]: {res_path} is already complete (skip_existing=false re-runs it)")
-        rec = read_results(res_path)
-        rec["skipped"] = True
-        return rec
+    rid = run_identity(cfg)
+    lock = JobLock(out_dir)
+    if not lock.acquire():
+        console.print(f"[yellow]live elsewhere[/yellow]: {out_dir} is being run by {lock.holder_text}; "
+                      "not started twice (relaunch later to pick up its result)")
+        return {"status": "live_elsewhere", "skipped": True, "output_dir": str(out_dir), "owner": lock.holder}
+    try:
+        if lock.note:
+            console.print(f"[dim]{lock.note}[/dim]")
+        previous, problem = read_record(res_path)
+        if problem:
+            console.print(f"[yellow]re-running[/yellow]: {problem}")
+        if previous and previous.get("status") == "completed":
+            if cfg.get("skip_existing", True) and previous.get("run_id") == rid:
+                console.print(f"[green]skipped[/green]: {res_path} is already complete "
+                              "(skip_existing=false re-runs it)")
+                return {**previous, "skipped": True}
+            if previous.get("run_id") != rid:
+                keys = changed_keys(previous.get("config") or {}, cfg)
+                console.print(f"[yellow]re-running[/yellow]: {res_path} was computed with another config "
+                              f"(changed: {', '.join(keys) or 'the run identity'})")
+        return _run_owned(cfg, out_dir, res_path, rid, previous if (previous or {}).get("status") == "completed"
+                          else None)
+    finally:
+        lock.release()
+        release_memory()
+
+
+def _run_owned(cfg: DictConfig, out_dir: Path, res_path: Path, rid: str,
+               completed: dict[str, Any] | None) -> dict[str, Any]:
     t_start = time.perf_counter()
-    configure_process()  # threads = physical cores this process may use; large freed blocks stay mapped
-    expand_chain(cfg)  # compressor=chain: the members' stages, before the run's identity is taken
-    run = {"dataset": cfg.dataset.name, "model": cfg.model.name, "compressor": cfg.compressor.name,
-           "family": cfg.compressor.get("family", "none"), "seed": int(cfg.seed),
-           "objective": (cfg.get("objective") or {}).get("name", "erm"),
-           "experiment": cfg.get("experiment_name", "default"), "task_name": cfg.get("task_name")}
-    record = base_record(run_identity(cfg), run, OmegaConf.to_container(cfg, resolve=True))
-    record["output_dir"] = str(out_dir)
-    write_results(res_path, record)
+    rec = base_record(rid, run_summary(cfg), OmegaConf.to_container(cfg, resolve=True))
+    rec["output_dir"] = str(out_dir)
+    rec["sweep"] = sweep_params()
+    if completed is None:
+        write_results(res_path, rec)
     ctx: RunContext | None = None
     try:
-        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         stages = build_stages(cfg.compressor)
-        dm = instantiate(cfg.data, _recursive_=False)
-        ctx = RunContext(cfg=cfg, datamodule=dm, output_dir=out_dir)
-        ctx.loggers = list(instantiate_loggers(cfg.get("logger")))
-        t0 = time.perf_counter()
-        dm.load_table()
-        ctx.timing["data_load"] = time.perf_counter() - t0
-
-        # the uncompressed run IS the fine-tuned base: it fills (or reuses) the cache that post-training
-        # compressors start from, so a grid fine-tunes each base once and compares against that very model
-        if (stages and stages[0].start_from == "finetuned") or (not stages and cfg.get("cache_base", True)):
-            ctx.model, ctx.tokenizer, ctx.base_info = ctx.finetuned_base()
-            ctx.teacher = None
-        else:
-            ctx.model, ctx.tokenizer = ctx.pretrained()
-        dm.set_tokenizer(ctx.tokenizer)
+        ctx = prepare(cfg, stages)
         base_figures = model_figures(ctx.model)
-        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-
-        module, reports = _execute(ctx, stages)
-        if module is None:
-            module = ctx.new_module()
-        on_cpu = any(s.eval_on_cpu for s in stages)
+        module, reports = execute(ctx, stages)
         if not stages and ctx.base_evals is not None:  # the base was just trained and tested
             evals = ctx.base_evals
         else:
-            evals = ctx.evaluate(module, "eval", on_cpu=on_cpu)
-
-        record["metrics"] = evals["metrics"]
-        record["groups"] = evals["groups"]
-        record["model"] = {**model_figures(ctx.model), "latency_ms_per_example": evals["latency_ms_per_example"],
-                           "eval_device": evals["eval_device"]}
-        record["base"] = {"figures": (ctx.base_info or {}).get("figures", base_figures)}
-        if ctx.base_info:
-            record["base"].update({k: ctx.base_info.get(k) for k in ("metrics", "groups", "key", "reused",
-                                                                    "cache_dir", "latency_ms_per_example")})
-        record["compression"] = {"name": cfg.compressor.name, "family": run["family"], "stages": reports}
-        record["phases"] = ctx.phases
-        if evals["predictions"] is not None:
-            buf_path = out_dir / "predictions.npz"
-            import io
-
-            buf = io.BytesIO()
-            arrays = {k: evals["predictions"][:, i].numpy().astype(np.int32)
-                      for i, k in enumerate(("index", "label", "pred"))}
-            # the test examples' label/attribute values: groups for significance tests, without a re-run
-            arrays.update(prediction_metadata(ctx.datamodule, arrays["index"]))
-            np.savez_compressed(buf, **arrays)
-            atomic_write_bytes(buf_path, buf.getvalue())
-            record["predictions"] = buf_path.name
-        record["status"] = "completed"
-        return record
+            module = module if module is not None else ctx.new_module()
+            evals = ctx.evaluate(module, "eval", on_cpu=any(s.eval_on_cpu for s in stages))
+        record(rec, ctx, stages, evals, reports, base_figures)
+        rec["status"] = "completed"
+        return rec
     except BaseException as exc:
-        record["status"] = "failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted"
-        record["error"] = {"type": type(exc).__name__, "message": str(exc),
-                           "traceback": traceback.format_exc(limit=20)}
+        rec["status"] = "interrupted" if _interrupted(exc) else "failed"
+        rec["error"] = {"type": type(exc).__name__, "message": _error_message(exc),
+                        "traceback": traceback.format_exc(limit=20)}
         raise
     finally:
         if ctx is not None:
-            record["phases"] = ctx.phases
-            record["timing"] = {**ctx.timing, "total": time.perf_counter() - t_start}
-        record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        write_results(res_path, record)
-        if ctx is not None and record["status"] == "completed":
-            log_summary(ctx.loggers, record)  # W&B: family tag, size/accuracy summary, per-group table
+            rec["phases"] = ctx.phases
+            rec["timing"] = {**ctx.timing, "total": time.perf_counter() - t_start}
+        rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        target = res_path
+        if rec["status"] != "completed" and completed is not None:
+            # a re-run of a completed job failed: the completed result stays, the failure is kept beside it
+            target = out_dir / f"results.{rec['status']}.{time.strftime('%Y%m%d-%H%M%S')}.json"
+        try:
+            write_results(target, rec)
+        except OSError as exc:
+            console.print(f"[red]could not write {target}: {exc.strerror or exc}[/red]")
+        if ctx is not None and rec["status"] == "completed":
+            log_summary(ctx.loggers, rec)  # W&B: family tag, size/accuracy summary, per-group table
         finish_loggers(ctx.loggers if ctx else [])
-        if record["status"] == "completed":
-            summarize(record)
+        if rec["status"] == "completed":
+            summarize(rec)
 
 
 def instantiate_loggers(logger_cfg: DictConfig | None):
@@ -305,14 +482,15 @@ def finish_loggers(loggers: list) -> None:
             wandb.finish()
 
 
-def summarize(record: dict[str, Any]) -> None:
-    run = record["run"]
-    base = (record.get("base") or {}).get("groups", {}).get("test", {}).get(PRIMARY) if record.get("base") else None
+def summarize(rec: dict[str, Any]) -> None:
+    """The console's group table at the end of a run."""
+    run = rec["run"]
+    base = (rec.get("base") or {}).get("groups", {}).get("test", {}).get(PRIMARY) if rec.get("base") else None
     title = f"test accuracy by group — {run['dataset']} / {run['model']} / {run['compressor']} / seed {run['seed']}"
-    print_group_table(title, record["groups"]["test"][PRIMARY], base)
-    for name, res in record["groups"]["test"].items():
+    print_group_table(title, rec["groups"]["test"][PRIMARY], base)
+    for name, res in rec["groups"]["test"].items():
         if name != PRIMARY:
             console.print(f"  {name}: worst-group {100 * res['acc_wg']:.2f}% over {len(res['acc'])} groups")
-    m = record["model"]
+    m = rec["model"]
     console.print(f"  model: {m['params']:,} params, {m['size_mb']:.2f} MB; "
-                  f"results: {Path(record['output_dir']) / RESULTS_FILE}")
+                  f"results: {Path(rec['output_dir']) / RESULTS_FILE}")

@@ -1,4 +1,7 @@
-"""The thin task entry: ``python -m subgroup_robustness [overrides]``."""
+"""The thin task entry: ``python -m subgroup_robustness [overrides]``.
+
+Order: check the config (one line per problem, before anything is printed or loaded), print the config
+tree, run. A user error exits 2 with one line (or, inside a multirun, is recorded and the sweep goes on)."""
 
 from __future__ import annotations
 
@@ -11,54 +14,60 @@ from omegaconf import DictConfig
 
 from subgroup_robustness.utils.resolvers import register
 
-register()
 log = logging.getLogger(__name__)
 
 
-def _is_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+def _record_config_error(cfg: DictConfig, message: str) -> None:
+    """A job refused before it started still leaves a results.json saying why (the sweep summary reads it)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from subgroup_robustness.results import RESULTS_FILE, base_record, is_completed, write_results
 
     try:
-        return HydraConfig.get().mode == RunMode.MULTIRUN
-    except ValueError:
-        return False
-
-
-def _user_error(exc: BaseException):
-    """The UserError behind an exception, if any (Hydra's instantiate wraps what constructors raise)."""
-    from subgroup_robustness.utils.errors import UserError
-
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, UserError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
+        out = Path(OmegaConf.select(cfg, "paths.output_dir"))
+        if is_completed(out / RESULTS_FILE):
+            return  # never downgrade a finished result
+        rec = base_record("", {"compressor": str(OmegaConf.select(cfg, "compressor.name", default="?")),
+                               "seed": OmegaConf.select(cfg, "seed", default=None)}, {})
+        rec.update(status="failed", output_dir=str(out),
+                   error={"type": "ConfigError", "message": message, "traceback": ""})
+        write_results(out / RESULTS_FILE, rec)
+    except Exception:  # noqa: BLE001 - the error line itself is what matters
+        pass
 
 
 def task(cfg: DictConfig) -> float:
     from subgroup_robustness.experiment import run
+    from subgroup_robustness.preflight import check_config
+    from subgroup_robustness.utils.compose import is_multirun
     from subgroup_robustness.utils.console import error, print_config_tree
-    from subgroup_robustness.utils.errors import UserError
+    from subgroup_robustness.utils.errors import user_error
 
-    if cfg.get("print_config", True):
-        print_config_tree(cfg)
+    multirun = is_multirun()
+    started = False
     try:
+        check_config(cfg)
+        if cfg.get("print_config", True):
+            print_config_tree(cfg)
+        started = True
         record = run(cfg)
-    except UserError as exc:
-        error(str(exc))
-        if _is_multirun():
-            return math.nan  # recorded in results.json; the other jobs go on
-        sys.exit(2)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if isinstance(exc, SystemExit) and not isinstance(exc.__context__, KeyboardInterrupt):
+            raise
+        error("interrupted: the job is recorded as 'interrupted' in its results.json; relaunch the same command "
+              "to run it (finished jobs are skipped)")
+        sys.exit(130)  # stops a sweep too: Ctrl-C means stop, not "next job"
     except Exception as exc:
-        if (user := _user_error(exc)) is not None:
+        if (user := user_error(exc)) is not None:
             error(str(user))
-            if _is_multirun():
-                return math.nan
+            if not started:
+                _record_config_error(cfg, str(user))
+            if multirun:
+                return math.nan  # recorded in results.json; the other jobs go on
             sys.exit(2)
-        if _is_multirun():
+        if multirun:
             error(f"job failed ({type(exc).__name__}: {exc}); recorded in results.json, the sweep goes on")
             log.exception("job failed")
             return math.nan
@@ -68,8 +77,13 @@ def task(cfg: DictConfig) -> float:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def _main(cfg: DictConfig) -> float:
     return task(cfg)
+
+
+def main() -> None:
+    register()  # resolvers before Hydra composes (no import-time side effects)
+    _main()
 
 
 if __name__ == "__main__":

@@ -21,33 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from rich.markup import escape
 
 from subgroup_robustness.results import RESULTS_FILE, is_completed, read_results
+from subgroup_robustness.utils.compose import is_multirun
 from subgroup_robustness.utils.console import console
-from subgroup_robustness.utils.io import atomic_write_json, read_json, stable_hash
+from subgroup_robustness.utils.io import atomic_write_json, read_json
 
 PROGRESS_DIR = ".progress"
 STATES = ("done", "skipped", "failed", "running")
-MAX_DIRNAME = 100
-
-
-def job_dirname(dirname: str, *, _root_: DictConfig) -> str:
-    """A job's folder from its overrides: Hydra's ``override_dirname`` when it is short and has no path in
-    it; otherwise the short overrides plus a hash of all of them. Deterministic, so a relaunch finds every
-    finished job in its old folder. Resolver ``sr.job_dir``."""
-    if dirname and len(dirname) <= MAX_DIRNAME and "/" not in dirname:
-        return dirname
-    if not dirname:
-        return "default"
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    exclude = set(_root_.hydra.job.config.override_dirname.exclude_keys or [])
-    overrides = OverridesParser.create().parse_overrides(list(_root_.hydra.overrides.task))
-    short = sorted(o.input_line for o in overrides if o.key_or_group not in exclude
-                   and "/" not in o.input_line and len(o.input_line) <= 40)
-    return ",".join([*short, f"h={stable_hash(dirname, 8)}"])
-
-
-if not OmegaConf.has_resolver("sr.job_dir"):
-    OmegaConf.register_new_resolver("sr.job_dir", job_dirname)
 
 
 def count_jobs(config: DictConfig) -> int | None:
@@ -147,7 +126,7 @@ class SweepProgress(Callback):
                           f"jobs -> {config.hydra.sweep.dir}")
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not _is_multirun(config):
+        if not is_multirun(config):
             return
         out = Path(config.hydra.runtime.output_dir)
         will_skip = bool(config.get("skip_existing", True)) and is_completed(out / RESULTS_FILE)
@@ -159,7 +138,7 @@ class SweepProgress(Callback):
         self._line(config, "skipping (complete)" if will_skip else "running")
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
-        if not _is_multirun(config):
+        if not is_multirun(config):
             return
         from hydra.core.utils import JobStatus
 
@@ -193,10 +172,3 @@ class SweepProgress(Callback):
         for j in summary["failed_jobs"]:
             console.print(f"  [red]failed[/red] {escape(j['job'])}: {escape(str(j['error']))}\n    {j['dir']}", soft_wrap=True)
         console.print(f"  report: python -m subgroup_robustness.report {config.hydra.sweep.dir}", soft_wrap=True)
-
-
-def _is_multirun(config: DictConfig) -> bool:
-    from hydra.types import RunMode
-
-    return OmegaConf.select(config, "hydra.mode", default=None) == RunMode.MULTIRUN
-

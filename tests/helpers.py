@@ -114,6 +114,7 @@ def run_in_process(overrides: Sequence[str]):
     from omegaconf import OmegaConf, open_dict
 
     from subgroup_robustness.experiment import run
+    from subgroup_robustness.preflight import check_config
 
     cfg = compose(overrides)
     HydraConfig.instance().set_config(cfg)
@@ -121,6 +122,7 @@ def run_in_process(overrides: Sequence[str]):
         cfg.paths.output_dir = cfg.hydra.run.dir
         del cfg["hydra"]
     OmegaConf.resolve(cfg)
+    check_config(cfg)  # as the entry point does: chains expanded, arguments checked
     return run(cfg)
 
 

@@ -57,7 +57,8 @@ def test_offline_grid_replaces_checkpoints_by_students_and_composes():
 
 
 def test_job_count_and_deterministic_job_folders():
-    from subgroup_robustness.sweep import count_jobs, job_dirname
+    from subgroup_robustness.sweep import count_jobs
+    from subgroup_robustness.utils.resolvers import job_dirname
 
     assert count_jobs(compose(["experiment=paper"])) == 19 * 3 * 5
     assert count_jobs(compose(["experiment=paper", "dataset=scotus"])) == 19 * 5  # the command line wins

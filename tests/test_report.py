@@ -177,3 +177,76 @@ def test_each_row_is_compared_with_the_right_base(tmp_path):
     assert table.loc["bert_mini+pr40", "d_avg_mean"] == pytest.approx(0.5 - 0.6)
     assert table.loc["pr40 [group_dro]", "d_avg_mean"] == pytest.approx(0.6 - 0.7)
     assert table.loc["bert_mini", "d_avg_mean"] == pytest.approx(0.6 - 0.8)
+
+
+# ---- row order and colours come from the data ---------------------------------------------------------
+def test_rows_follow_the_experiments_sweep_list(tmp_path):
+    """The paper's grid comes out in Table 1's order whatever the sizes, from the sweep list Hydra records
+    next to each job (.hydra/hydra.yaml) or results.json's `sweep`; unlisted rows follow their family's."""
+    import yaml
+
+    from subgroup_robustness.report import write_report
+    from tests.helpers import CONF
+
+    def sweep_list(exp: str) -> list[str]:
+        return yaml.safe_load((CONF / "experiment" / f"{exp}.yaml").read_text())["hydra"]["sweeper"]["params"]
+
+    paper = sweep_list("paper")
+    kd = {"bert_medium", "bert_small", "bert_mini", "bert_tiny", "distilbert", "tinybert6", "tinybert4"}
+    families = {"pr": "pruning", "up": "pruning", "dq": "quantization", "sq": "quantization", "qa": "quantization",
+                "vt": "vocabulary", "di": "distillation"}
+    names = paper["setting"].split(",")
+    for i, name in enumerate(names + ["distill"]):  # sizes that alone would give another order
+        kw = {} if name == "base" else {"model": name} if name in kd else {"compressor": name,
+                                                                               "family": families[name[:2]]}
+        folder = tmp_path / "paper" / name
+        write_fake_run(folder, experiment="paper", size_mb=10.0 + (7 * i) % 23, **kw)
+        if name != "distill":  # run outside the grid: no sweep list
+            (folder / ".hydra").mkdir()
+            (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"sweeper": {"params": paper}}}))
+    offline = sweep_list("offline_grid")["setting"].split(",")
+    for i, name in enumerate(offline):
+        kw = {} if name == "base" else {"compressor": name, "family": families[name[:2]]}
+        path = tmp_path / "offline" / name / "results.json"
+        write_fake_run(path.parent, size_mb=90.0 - (5 * i) % 17, **kw)
+        rec = json.loads(path.read_text())
+        rec["sweep"] = {"params": sweep_list("offline_grid")}
+        path.write_text(json.dumps(rec))
+    summary = write_report(tmp_path, n_boot=20, plots=False)["summary"]
+    got = {exp: list(part["setting"]) for exp, part in summary.groupby("experiment")}
+    assert got["paper"] == [*names[:8], "distill", *names[8:]]  # Table 1, the unlisted student with its family
+    by_family = ["base", "distill", "distill_l2", *[n for n in offline if n[:2] in ("pr", "up")],
+                 "dq", "sq", "qat", "vt100", "vt75", "vt50", "vt25"]
+    assert got["offline_grid"] == by_family  # families together, each in the sweep's order
+
+
+def test_a_new_setting_and_family_get_a_row_and_a_colour(tmp_path):
+    """A compressor no code knows (family `wanda`), with no sweep list: a row in its own family's block,
+    ordered by size within the name stem, and a colour of its own in the plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from subgroup_robustness.report import write_report
+    from subgroup_robustness.report.plots import FAMILY_COLORS, PALETTE, family_color, family_colors
+
+    runs = {"base": {}, "pr40": dict(compressor="pr40", family="pruning", size_mb=80.0),
+            "dq": dict(compressor="dq", family="quantization", size_mb=30.0),
+            "wanda40": dict(compressor="wanda40", family="wanda", size_mb=60.0),
+            "wanda20": dict(compressor="wanda20", family="wanda", size_mb=70.0),
+            "ffn50": dict(compressor="ffn50", family="structured", size_mb=50.0)}
+    for name, kw in runs.items():
+        write_fake_run(tmp_path / name, **kw)
+    rep = write_report(tmp_path, n_boot=50)
+    assert list(rep["summary"]["setting"]) == ["base", "pr40", "dq", "ffn50", "wanda20", "wanda40"]
+    rows = md_rows(tmp_path / "report" / "tables" / "offline_grid" / "redditbias.md")
+    assert list(rows) == ["base", "pr40", "dq", "ffn50", "wanda20", "wanda40"] and rows["wanda40"]["Family"] == "wanda"
+    assert list(md_rows(tmp_path / "report" / "tables" / "offline_grid" / "sizes.md")) == list(rows)
+    colors = family_colors(rep["summary"]["family"])
+    assert colors["wanda"] in PALETTE and colors["wanda"] == family_color("wanda")
+    assert len(set(colors.values())) == len(colors)  # one colour per family in the figure
+    assert {f: colors[f] for f in ("none", "pruning", "quantization")} == {
+        f: FAMILY_COLORS[f] for f in ("none", "pruning", "quantization")}
+    assert family_colors(["wanda"]) == {"wanda": family_color("wanda")}  # the same in every figure
+    assert (tmp_path / "report" / "plots" / "offline_grid" / "wga_vs_size_redditbias.png").stat().st_size > 10_000
+    groups = rep["collection"].groups()
+    assert list(dict.fromkeys(groups.sort_values("row_order")["setting"])) == list(rows)

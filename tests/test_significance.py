@@ -4,8 +4,6 @@ pair examples by id (not by position)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -122,24 +120,36 @@ def test_compare_pairs_by_example_id_and_rejects_different_test_sets():
 
 
 def test_prediction_metadata_follows_the_saved_prediction_order(tmp_path):
-    """What experiment.py stores next to the predictions, and how the report reads it back."""
+    """What the run stores next to the predictions (``results.test_metadata`` + ``write_predictions``), and
+    how the report reads it back."""
+    import pandas as pd
+
+    from subgroup_robustness import results
     from subgroup_robustness.data.groups import build_groupings
 
     dataset = {"name": "toy", "label_names": ["no", "yes"], "attributes": {"a": ["x", "y", "z"]},
                "groupings": {"groups": {"by": ["label", "a"]}}}
     rng = np.random.default_rng(6)
-    ids = torch.as_tensor(rng.permutation(50) * 3)  # dataset row ids of the test split, unsorted
-    meta = torch.as_tensor(np.stack([rng.integers(0, 2, 50), rng.integers(0, 3, 50)], 1))
-    dm = SimpleNamespace(splits={"test": SimpleNamespace(index=ids, metadata=meta)}, columns=["label", "a"])
-    saved_index = np.sort(ids.numpy()).astype(np.int32)  # predictions are saved sorted by id
-    arrays = sig.prediction_metadata(dm, saved_index)
-    expected = meta.numpy()[np.argsort(ids.numpy())]
+    # the data module's table: every row's label and attribute; the test split is 50 of its 150 rows
+    table = pd.DataFrame({"label": rng.integers(0, 2, 150), "a": rng.integers(0, 3, 150), "text": ["t"] * 150})
+    ids = rng.permutation(50) * 3  # dataset row ids of the test split, in evaluation order (unsorted)
+    label, pred = table["label"].to_numpy()[ids], 1 - table["label"].to_numpy()[ids]
+    pred[: 25] = label[: 25]
+    arrays = results.test_metadata(table, ["label", "a"], ids)
+    expected = table[["label", "a"]].to_numpy()[ids]
     assert np.array_equal(arrays["metadata"], expected) and list(arrays["metadata_columns"]) == ["label", "a"]
-    assert sig.prediction_metadata(dm, saved_index + 1) == {}  # ids that do not match: nothing is invented
+    # ids that do not fit the table: nothing is invented
+    assert results.test_metadata(table, ["label", "a"], ids + 150) == {}
+    assert results.test_metadata(table, ["label", "a"], ids - 3) == {}
+    assert results.test_metadata(None, ["label", "a"], ids) == {}
 
-    label = arrays["metadata"][:, 0].astype(np.int32)
-    np.savez_compressed(tmp_path / "predictions.npz", index=saved_index, label=label, pred=label, **arrays)
-    p = sig.load_predictions(tmp_path / "predictions.npz", dataset)
+    path = results.write_predictions(tmp_path / results.PREDICTIONS_FILE, ids, label, pred, arrays)
+    saved = results.read_predictions(path)
+    order = np.argsort(ids)
+    assert np.array_equal(saved["index"], np.sort(ids))  # saved sorted by id, every array in that order
+    assert np.array_equal(saved["metadata"], expected[order]) and np.array_equal(saved["pred"], pred[order])
+    p = sig.load_predictions(path, dataset)
     grouping = build_groupings(dataset)["groups"]
-    assert p.group_names == grouping.group_names and p.correct.all()
-    assert np.array_equal(p.masks, grouping.masks(torch.as_tensor(expected)).numpy())
+    assert p.group_names == grouping.group_names
+    assert np.array_equal(p.correct, (pred == label)[order])
+    assert np.array_equal(p.masks, grouping.masks(torch.as_tensor(expected[order])).numpy())

@@ -9,19 +9,18 @@ identity is taken, so results.json records exactly what ran. The order is checke
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from subgroup_robustness.compression.base import STAGES
+from subgroup_robustness.utils.compose import compose_group, group_options
 from subgroup_robustness.utils.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from subgroup_robustness.compression.base import Compressor
 
 GROUP = "compressor"
-PACKAGED_CONFIGS = "subgroup_robustness.conf"
 MAX_DEPTH = 8
 
 
@@ -94,12 +93,10 @@ def _resolved_stages(cfg: DictConfig, name: str, member: DictConfig) -> list[dic
 
 def load_member(name: str) -> DictConfig:
     """The composed config of ``compressor=<name>``, from the same config sources as this run."""
-    from hydra import compose
     from hydra.errors import MissingConfigException
 
     try:
-        with _hydra() as extra:
-            return compose(config_name=None, overrides=[f"+{GROUP}={name}", *extra])[GROUP]
+        return compose_group(GROUP, name)
     except MissingConfigException:
         problem = f"there is no config {GROUP}/{name}.yaml"
     except Exception as exc:  # noqa: BLE001 - a broken member config: one clear line
@@ -109,37 +106,14 @@ def load_member(name: str) -> DictConfig:
 
 
 def available_compressors() -> list[str]:
-    from hydra.core.global_hydra import GlobalHydra
-
-    with _hydra() as extra:
-        return sorted(GlobalHydra.instance().config_loader().get_group_options(GROUP, config_name=None,
-                                                                               overrides=extra))
-
-
-@contextmanager
-def _hydra():
-    """An initialised Hydra (the running app's, else one on the packaged configs) and the overrides that
-    give it this job's ``hydra.searchpath``, which composing without the primary config would lose."""
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        searchpath = [str(p) for p in (HydraConfig.get().searchpath or [])]
-    except ValueError:  # no job config: a plain library call
-        searchpath = []
-    extra = ["hydra.searchpath=[" + ",".join(repr(p) for p in searchpath) + "]"] if searchpath else []
-    if GlobalHydra.instance().is_initialized():
-        yield extra
-    else:
-        with initialize_config_module(PACKAGED_CONFIGS, version_base="1.3"):
-            yield extra
+    return group_options(GROUP)
 
 
 # ---- order --------------------------------------------------------------------------------------------
 def fit_schedule(stages: Sequence["Compressor"]) -> list[bool]:
     """Whether the experiment fine-tunes right after each stage: a training stage's fine-tuning is shared
-    with the training 'during' stages that directly follow it (the rule of ``experiment._execute``)."""
+    with the training 'during' stages that directly follow it. The one statement of this rule: the
+    experiment iterates ``zip(stages, fit_schedule(stages))``."""
     out, pending = [], False
     for i, st in enumerate(stages):
         nxt = stages[i + 1] if i + 1 < len(stages) else None

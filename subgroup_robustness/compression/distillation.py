@@ -15,36 +15,25 @@ BestWeights; it runs frozen in eval mode and follows the module to its device.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from subgroup_robustness.compression.base import Compressor, model_figures
+from subgroup_robustness.compression.base import Compressor
+from subgroup_robustness.compression.context import CompressionContext, Compressed
+from subgroup_robustness.models.figures import model_figures
+from subgroup_robustness.models.structure import layer_stack, model_inputs
 from subgroup_robustness.utils.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from subgroup_robustness.experiment import RunContext
     from subgroup_robustness.models.classifier import SequenceClassifier
 
 SELECTIONS = ("alternate", "bottom", "top")
 
 
 # ---- students built from the teacher ---------------------------------------------------------------
-def layer_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
-    """(parent, attribute, ModuleList) of the transformer layers (bert.encoder.layer,
-    distilbert.transformer.layer, ...): the ModuleList with num_hidden_layers entries."""
-    n = int(model.config.num_hidden_layers)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n and name:
-            parent_name, _, attr = name.rpartition(".")
-            return model.get_submodule(parent_name) if parent_name else model, attr, module
-    raise ConfigError(f"{type(model).__name__}: found no list of {n} transformer layers to select from; "
-                      "give the student as a model config (compressor.stages.0.student_model=...)")
-
-
 def select_layers(n_teacher: int, num_layers: int | None = None, keep: Sequence[int] | None = None,
                   selection: str = "alternate") -> list[int]:
     """Which teacher layers the student keeps."""
@@ -89,19 +78,6 @@ def uniform_layer_map(n_student: int, n_teacher: int) -> list[int]:
     return [round((i + 1) * n_teacher / n_student) - 1 for i in range(n_student)]
 
 
-def model_config_by_name(name: str) -> dict[str, Any]:
-    """conf/model/<name>.yaml from the packaged configs (a student named like ``model=<name>``)."""
-    from omegaconf import OmegaConf
-
-    import subgroup_robustness.conf as conf
-
-    path = Path(conf.__file__).parent / "model" / f"{name}.yaml"
-    if not path.exists():
-        options = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ConfigError(f"student_model={name!r}: there is no conf/model/{name}.yaml; options: {', '.join(options)}")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
-
-
 # ---- the loss -----------------------------------------------------------------------------------------
 def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) of the temperature-softened distributions, times T^2 (Hinton et al.) so its
@@ -137,8 +113,6 @@ class DistillationLoss(nn.Module):
         return self._teacher[0]
 
     def _teacher_outputs(self, batch: Mapping[str, torch.Tensor], device: torch.device):
-        from subgroup_robustness.models.classifier import MODEL_INPUTS
-
         teacher = self.teacher
         if next(teacher.parameters()).device != device:
             teacher.to(device)
@@ -149,7 +123,7 @@ class DistillationLoss(nn.Module):
         if self.attention_weight:
             kwargs["output_attentions"] = True
         with torch.no_grad():
-            return teacher(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, **kwargs)
+            return teacher(**model_inputs(batch), **kwargs)
 
     def hidden_loss(self, student_hidden, teacher_hidden, mask: torch.Tensor) -> torch.Tensor:
         pairs = [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(self.layer_map)]
@@ -235,8 +209,8 @@ class TaskDistillation(Compressor):
         self._layer_map: list[int] = []
 
     # -- apply: teacher and student
-    def apply(self, ctx: "RunContext") -> None:
-        if ctx.base_info is None:
+    def apply(self, ctx: CompressionContext) -> Compressed:
+        if ctx.base is None:
             raise ConfigError(f"{self.name!r} distils the cached fine-tuned base, but the model it got is not that "
                               "base (it follows another stage in the chain). Put the distillation first.")
         teacher = ctx.model
@@ -258,9 +232,8 @@ class TaskDistillation(Compressor):
             self._attn = student.config._attn_implementation
             teacher.set_attn_implementation("eager")
             student.set_attn_implementation("eager")
-        ctx.teacher, ctx.model = teacher, student
         self._layer_map = layer_map
-        base = ctx.base_info or {}
+        base = ctx.base or {}
         self._report = {
             "teacher": {"source": "cached fine-tuned base", "key": base.get("key"),
                         "figures": model_figures(teacher),
@@ -272,13 +245,25 @@ class TaskDistillation(Compressor):
             "loss": {"temperature": self.temperature, "soft_weight": self.soft_weight, "ce_weight": self.ce_weight,
                      "hidden_weight": self.hidden_weight, "attention_weight": self.attention_weight},
         }
+        if not self.distils:
+            self._report["control"] = "cross-entropy only: the same student and initialisation, no distillation loss"
+        return Compressed(student, teacher=teacher if self.distils else None)
 
-    def _load_student(self, ctx: "RunContext"):
+    def _load_student(self, ctx: CompressionContext):
+        from omegaconf import OmegaConf
+
         from subgroup_robustness.models.loading import load_model
 
-        spec = model_config_by_name(self.student_model) if isinstance(self.student_model, str) else self.student_model
-        ds = ctx.cfg.dataset
-        student, tokenizer = load_model(spec, len(ds.label_names), list(ds.label_names))
+        if isinstance(self.student_model, str):
+            try:
+                spec = OmegaConf.to_container(ctx.model_config(self.student_model), resolve=True)
+            except Exception:  # noqa: BLE001 - hydra's MissingConfigException and friends: one line
+                raise ConfigError(f"student_model={self.student_model!r}: there is no conf/model/"
+                                  f"{self.student_model}.yaml (model=... names a model config)") from None
+        else:
+            spec = self.student_model
+        names = list(ctx.label_names)
+        student, tokenizer = load_model(spec, len(names), names)
         if tokenizer.get_vocab() != ctx.tokenizer.get_vocab():
             raise ConfigError(
                 f"student_model {spec.get('name')!r} uses another vocabulary than the teacher; logit distillation "
@@ -288,20 +273,28 @@ class TaskDistillation(Compressor):
         return student, spec.get("name")
 
     # -- the fine-tuning
-    def configure_module(self, ctx: "RunContext", module: "SequenceClassifier") -> None:
+    @property
+    def distils(self) -> bool:
+        """False for the cross-entropy-only control (all KD weights 0): the same student, no teacher signal."""
+        return bool(self.soft_weight or self.hidden_weight or self.attention_weight)
+
+    def configure_module(self, ctx: CompressionContext, module: "SequenceClassifier") -> None:
+        module.ce_weight = self.ce_weight
+        if not self.distils:
+            return
         student, teacher = ctx.model, ctx.teacher
         hook = DistillationLoss(teacher, self.temperature, self.soft_weight, self.hidden_weight,
                                 self.attention_weight, self._layer_map, int(student.config.hidden_size),
                                 int(teacher.config.hidden_size))
         module.add_module("distillation", hook)  # projections: optimised, moved, not part of ctx.model
         module.loss_hooks.append(hook)
-        module.ce_weight = self.ce_weight
         module.output_hidden_states = module.output_hidden_states or bool(self.hidden_weight)
         module.output_attentions = module.output_attentions or bool(self.attention_weight)
         self._hook, self._module = hook, module
 
-    def finalize(self, ctx: "RunContext") -> None:
-        """Free the teacher; evaluation sees the plain student (fast attention again)."""
+    def finalize(self, ctx: CompressionContext) -> None:
+        """Detach the loss hook (the run drops the teacher); evaluation sees the plain student (fast
+        attention again)."""
         module, hook = self._module, self._hook
         if module is not None and hook is not None:
             module.loss_hooks.remove(hook)
@@ -310,8 +303,7 @@ class TaskDistillation(Compressor):
             module.output_hidden_states = module.output_attentions = False
         if self._attn is not None:
             ctx.model.set_attn_implementation(self._attn)
-        ctx.teacher = None
         self._hook = self._module = None
 
-    def report(self, ctx: "RunContext") -> dict[str, Any]:
+    def report(self, ctx: CompressionContext) -> dict[str, Any]:
         return dict(self._report)

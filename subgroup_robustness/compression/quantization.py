@@ -22,23 +22,19 @@ matmuls; the experiment evaluates them there (``eval_on_cpu``).
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 import warnings
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
 from subgroup_robustness.compression.base import Compressor
+from subgroup_robustness.compression.context import CompressionContext, Compressed
+from subgroup_robustness.models.figures import collect_activations
+from subgroup_robustness.models.structure import is_head
 from subgroup_robustness.utils.errors import ConfigError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from subgroup_robustness.experiment import RunContext
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-HEAD_MODULES = ("classifier", "pre_classifier", "score")
 BACKENDS = ("torchao", "torch.ao")
 
 
@@ -57,7 +53,7 @@ def linear_filter(quantize_classifier: bool = True):
     def keep(module: nn.Module, fqn: str) -> bool:
         if not isinstance(module, nn.Linear) or type(module).__name__ == "NonDynamicallyQuantizableLinear":
             return False
-        return quantize_classifier or fqn.split(".")[0] not in HEAD_MODULES
+        return quantize_classifier or not is_head(fqn)
     return keep
 
 
@@ -71,42 +67,6 @@ def quantized_linears(model: nn.Module) -> dict[str, str]:
         elif hasattr(m, "_packed_params") and hasattr(m, "weight") and callable(m.weight):  # torch.ao dynamic
             out[fqn] = str(m.weight().dtype)
     return out
-
-
-def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    return {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
-
-
-def cpu_latency_ms(model: nn.Module, datamodule, batches: int, repeats: int = 3) -> float | None:
-    """fp32 CPU latency per example over ``batches`` test batches spread across lengths (one warm-up,
-    the fastest of ``repeats`` runs per batch, so a busy machine disturbs it less): the same measurement
-    before and after compression, whatever device or precision training used."""
-    if batches <= 0 or datamodule is None:
-        return None
-    loader = list(datamodule.test_dataloader())
-    if not loader:
-        return None
-    picks = sorted(set(np.linspace(0, len(loader) - 1, min(batches, len(loader))).round().astype(int).tolist()))
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.to("cpu").eval()
-    elapsed, n = 0.0, 0
-    try:
-        with torch.inference_mode():
-            model(**model_inputs(loader[picks[0]]))
-            for i in picks:
-                inputs = model_inputs(loader[i])
-                best = math.inf
-                for _ in range(max(1, repeats)):
-                    t0 = time.perf_counter()
-                    model(**inputs)
-                    best = min(best, time.perf_counter() - t0)
-                elapsed += best
-                n += inputs["input_ids"].shape[0]
-    finally:
-        model.to(device)
-        model.train(was_training)
-    return 1000.0 * elapsed / max(1, n)
 
 
 # ---- the three int8 methods ---------------------------------------------------------------------------
@@ -140,26 +100,14 @@ def calibrate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], quan
     keep = linear_filter(quantize_classifier)
     observers: dict[str, nn.Module] = {}
     ranks: dict[str, int] = {}
-    hooks = []
-    for fqn, m in model.named_modules():
-        if keep(m, fqn):
-            observers[fqn] = kinds[observer](dtype=torch.qint8, qscheme=torch.per_tensor_affine)
 
-            def hook(module, args, fqn=fqn):
-                x = args[0].detach().float()
-                ranks[fqn] = x.ndim
-                observers[fqn](x.cpu())
-            hooks.append(m.register_forward_pre_hook(hook))
-    seen = 0
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(**model_inputs(batch, next(model.parameters()).device))
-                seen += batch["input_ids"].shape[0]
-    finally:
-        for h in hooks:
-            h.remove()
+    def observe(fqn: str, module: nn.Module, x: torch.Tensor) -> None:
+        if fqn not in observers:
+            observers[fqn] = kinds[observer](dtype=torch.qint8, qscheme=torch.per_tensor_affine)
+        ranks[fqn] = x.ndim
+        observers[fqn](x.float().cpu())
+
+    seen = collect_activations(model, batches, keep, observe)
     if not seen:
         raise ConfigError("static int8: no calibration batches (empty training split?); "
                           "check dataset.subsample or compressor.calibration_batches")
@@ -217,20 +165,16 @@ class _Int8(Compressor):
     quantizes = True
     eval_on_cpu = True
 
-    def __init__(self, quantize_classifier: bool = True, latency_batches: int = 4):
+    def __init__(self, quantize_classifier: bool = True):
         self.quantize_classifier = bool(quantize_classifier)
-        self.latency_batches = int(latency_batches)
-        self._latency_before: float | None = None
         self._extra: dict[str, Any] = {}
 
-    def report(self, ctx: "RunContext") -> dict[str, Any]:
+    def report(self, ctx: CompressionContext) -> dict[str, Any]:
         linears = quantized_linears(ctx.model)
         return {
             **self._extra,
             "int8_linear_layers": sum(v in ("torch.int8", "torch.qint8") for v in linears.values()),
             "fp32_linear_layers": sorted(k for k, v in linears.items() if v not in ("torch.int8", "torch.qint8")),
-            "cpu_latency_ms_per_example": {"before": self._latency_before,
-                                           "after": cpu_latency_ms(ctx.model, ctx.datamodule, self.latency_batches)},
         }
 
 
@@ -241,62 +185,67 @@ class DynamicInt8(_Int8):
     stage = "after"
     start_from = "finetuned"
 
-    def __init__(self, backend: str = "torchao", quantize_classifier: bool = True, latency_batches: int = 4):
+    def __init__(self, backend: str = "torchao", quantize_classifier: bool = True):
         if backend not in BACKENDS:
             raise ConfigError(f"dynamic int8: backend={backend!r}; use one of {BACKENDS}")
-        super().__init__(quantize_classifier, latency_batches)
+        super().__init__(quantize_classifier)
         self.backend = backend
 
-    def apply(self, ctx: "RunContext") -> None:
-        self._latency_before = cpu_latency_ms(ctx.model, ctx.datamodule, self.latency_batches)
-        ctx.model = dynamic_int8(ctx.model, self.backend, self.quantize_classifier)
+    def apply(self, ctx: CompressionContext) -> Compressed:
+        model = dynamic_int8(ctx.model, self.backend, self.quantize_classifier)
         self._extra = {"method": "dynamic int8 (weights per row/tensor, activations per token at run time)"}
+        return Compressed(model)
 
 
 class StaticInt8(_Int8):
-    """Post-training static int8, calibrated on training batches; no further training (the paper's SQ)."""
+    """Post-training static int8, calibrated on the training split (all of it by default, as the paper;
+    ``calibration_batches=N`` observes the first N batches); no further training (the paper's SQ)."""
 
     name = "static_int8"
     stage = "after"
     start_from = "finetuned"
 
-    def __init__(self, calibration_batches: int = 100, observer: str = "histogram", quantize_classifier: bool = True,
-                 latency_batches: int = 4):
-        if int(calibration_batches) < 1:
-            raise ConfigError(f"static int8: calibration_batches={calibration_batches} must be >= 1")
-        super().__init__(quantize_classifier, latency_batches)
-        self.calibration_batches = int(calibration_batches)
+    def __init__(self, calibration_batches: int | None = None, observer: str = "histogram",
+                 quantize_classifier: bool = True):
+        if calibration_batches is not None and int(calibration_batches) < 1:
+            raise ConfigError(f"static int8: calibration_batches={calibration_batches} must be >= 1, or null for the "
+                              "whole training split (the paper)")
+        if observer not in ("histogram", "minmax"):
+            raise ConfigError(f"static int8: observer={observer!r}; use one of ['histogram', 'minmax']")
+        super().__init__(quantize_classifier)
+        self.calibration_batches = None if calibration_batches is None else int(calibration_batches)
         self.observer = observer
 
-    def apply(self, ctx: "RunContext") -> None:
-        self._latency_before = cpu_latency_ms(ctx.model, ctx.datamodule, self.latency_batches)
+    def apply(self, ctx: CompressionContext) -> Compressed:
         model = ctx.model.to("cpu").eval()
-        loader = ctx.datamodule.train_dataloader()
-        batches = (b for i, b in zip(range(self.calibration_batches), loader))
+        loader = ctx.data.train_dataloader()
+        batches = loader if self.calibration_batches is None else \
+            (b for i, b in zip(range(self.calibration_batches), loader))
         t0 = time.perf_counter()
         qparams, seen = calibrate(model, batches, self.quantize_classifier, self.observer)
-        ctx.model = static_int8(model, qparams)
         self._extra = {"method": "static int8 (per-tensor asymmetric inputs, per-row weights)",
                        "calibration_examples": seen, "calibration_s": time.perf_counter() - t0}
+        return Compressed(static_int8(model, qparams))
 
 
 class QuantizationAwareTraining(_Int8):
-    """Fine-tune the pretrained model with fake-quantized Linears, then convert to int8 (the paper's QAT)."""
+    """Fine-tune the pretrained model with fake-quantized Linears, then convert to int8 (the paper's QAT).
+    The fine-tuning runs in fp32 by default, as the paper's (fake quantization under bf16 autocast would
+    simulate another arithmetic); ``precision=null`` uses the run's trainer precision."""
 
     name = "qat_int8"
     stage = "during"
     start_from = "pretrained"
     trains = True
 
-    def apply(self, ctx: "RunContext") -> None:
+    def __init__(self, quantize_classifier: bool = True, precision: str | None = "32-true"):
+        super().__init__(quantize_classifier)
+        self.fit_precision = precision
+
+    def apply(self, ctx: CompressionContext) -> Compressed:
         prepare_qat(ctx.model, self.quantize_classifier)
+        return Compressed(ctx.model)
 
-    def finalize(self, ctx: "RunContext") -> None:
-        from torchao.quantization import quantize_
-        from torchao.quantization.qat import QATConfig
-
-        model = ctx.model.to("cpu").eval()
-        quantize_(model, QATConfig(step="convert"))  # plain fp32 Linears with the trained weights
-        self._latency_before = cpu_latency_ms(model, ctx.datamodule, self.latency_batches)
-        ctx.model = convert_qat(model, self.quantize_classifier)  # its convert step is now a no-op
+    def finalize(self, ctx: CompressionContext) -> Compressed:
         self._extra = {"method": "quantization-aware fine-tuning (torchao QATConfig), then int8 dynamic-activation"}
+        return Compressed(convert_qat(ctx.model, self.quantize_classifier))

@@ -26,7 +26,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -34,11 +34,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from subgroup_robustness.compression.base import Compressor
+from subgroup_robustness.compression.context import CompressionContext, Compressed
 from subgroup_robustness.models.classifier import SequenceClassifier
+from subgroup_robustness.utils.env import quiet_transformers
 from subgroup_robustness.utils.errors import ConfigError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from subgroup_robustness.experiment import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -244,20 +243,14 @@ def masked_lm_for(model_cfg, model: nn.Module) -> tuple[nn.Module, str]:
         kwargs["local_files_only"] = True  # the base was loaded a moment ago: its files are in the HF cache
     else:
         kwargs["use_safetensors"] = True
-    quiet = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers")]
-    levels = [lg.level for lg in quiet]
-    for lg in quiet:
-        lg.setLevel(logging.ERROR)  # "newly initialized: cls.*" is reported in results.json instead
     try:
-        mlm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True, **kwargs)
+        with quiet_transformers():  # "newly initialized: cls.*" is reported in results.json instead
+            mlm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True, **kwargs)
         prefix = mlm.base_model_prefix + "."
         head = "initialised" if any(not k.startswith(prefix) for k in info["missing_keys"]) else "pretrained"
     except (OSError, ValueError) as exc:
         log.warning("no masked-LM head could be read from %s (%s); initialising one", path, exc)
         mlm, head = AutoModelForMaskedLM.from_config(config), "initialised"
-    finally:
-        for lg, lv in zip(quiet, levels):
-            lg.setLevel(lv)
     setattr(mlm, mlm.base_model_prefix, getattr(model, model.base_model_prefix))
     return mlm.to(next(model.parameters()).device), head
 
@@ -301,29 +294,24 @@ def mlm_loader(tokenizer, texts: Sequence[str], batch_size: int, max_length: int
     return DataLoader(_Texts(ids), batch_sampler=sampler, collate_fn=collator)
 
 
-def adapt_masked_lm(ctx: "RunContext", mlm: nn.Module, tokenizer, epochs: int, batch_size: int,
+def adapt_masked_lm(ctx: CompressionContext, mlm: nn.Module, tokenizer, epochs: int, batch_size: int,
                     probability: float, lr: float, weight_decay: float) -> dict[str, Any]:
     """A short Lightning fit of the masked-LM objective on the training texts (validation texts tell
     whether it helped)."""
-    from hydra.utils import instantiate
-
-    cfg, dm = ctx.cfg, ctx.datamodule
-    max_len, seed = int(dm.cfg.get("max_length", 128)), int(cfg.seed)
+    dm = ctx.data
+    max_len, seed = int(getattr(dm, "max_length", None) or 128), int(ctx.seed)
     train = mlm_loader(tokenizer, dm.texts("train"), batch_size, max_len, probability, seed, shuffle=True)
 
     def val():  # a fresh loader each time: before and after see the same masked positions
         return mlm_loader(tokenizer, dm.texts("val"), batch_size, max_len, probability, seed, shuffle=False)
 
     module = MaskedLMModule(mlm, lr=lr, weight_decay=weight_decay)
-    progress = (cfg.get("callbacks") or {}).get("progress")
-    callbacks = [instantiate(progress)] if progress else []
+    callbacks = []
     if epochs > 1:  # the paper's patience; one epoch (its setting) never stops early
         from lightning.pytorch.callbacks import EarlyStopping
 
         callbacks.append(EarlyStopping(monitor="mlm/val_loss", mode="min", patience=3))
-    trainer = instantiate(cfg.trainer, max_epochs=int(epochs), min_epochs=1, callbacks=callbacks, logger=False,
-                          enable_checkpointing=False, enable_progress_bar=bool(progress), num_sanity_val_steps=0,
-                          default_root_dir=str(ctx.output_dir))
+    trainer = ctx.make_trainer(max_epochs=int(epochs), min_epochs=1, callbacks=callbacks, num_sanity_val_steps=0)
     t0 = time.perf_counter()
     mlm.eval()
     before = trainer.validate(module, dataloaders=val(), verbose=False)
@@ -363,8 +351,11 @@ class VocabularyTransfer(Compressor):
 
     def __init__(self, percent: float = 100, continuation: str = "word", fill_from_base: bool = True,
                  mlm_epochs: int = 1, mlm_batch_size: int = 8, mlm_probability: float = 0.15,
-                 mlm_lr: float = 2e-5, mlm_weight_decay: float = 0.0):
+                 mlm_lr: float = 2e-5, mlm_weight_decay: float = 0.0, keep_tokenizer: bool = False):
         target_vocab_size(1000, percent)  # validates percent
+        if keep_tokenizer and int(mlm_epochs) < 1:
+            raise ConfigError("keep_tokenizer=true is the vocabulary-transfer control: it keeps the base tokenizer and "
+                              "runs only the masked-LM adaptation, so it needs mlm_epochs >= 1")
         if continuation not in ("word", "subword"):
             raise ConfigError(f"continuation={continuation!r}; expected 'word' (the authors' FVT) or 'subword'")
         if not 0 < float(mlm_probability) < 1:
@@ -376,11 +367,14 @@ class VocabularyTransfer(Compressor):
         self.mlm_epochs, self.mlm_batch_size = int(mlm_epochs), int(mlm_batch_size)
         self.mlm_probability, self.mlm_lr, self.mlm_weight_decay = float(mlm_probability), float(mlm_lr), \
             float(mlm_weight_decay)
+        self.keep_tokenizer = bool(keep_tokenizer)
         self._report: dict[str, Any] = {}
 
-    def apply(self, ctx: "RunContext") -> None:
+    def apply(self, ctx: CompressionContext) -> Compressed:
+        if self.keep_tokenizer:
+            return self._control(ctx)
         old_tok, model = ctx.tokenizer, ctx.model
-        texts = ctx.datamodule.texts("train")
+        texts = ctx.data.texts("train")
         if not texts:
             raise ConfigError("vocabulary transfer learns its tokenizer from the training texts, but the train split "
                               "is empty")
@@ -390,7 +384,7 @@ class VocabularyTransfer(Compressor):
                                                        self.fill_from_base)
         sources, fvt_stats = fvt_sources(new_tok, old_tok, self.continuation)
         tok_seconds = time.perf_counter() - t0
-        mlm, head = (masked_lm_for(ctx.cfg.model, model) if self.mlm_epochs else (None, None))
+        mlm, head = (masked_lm_for(ctx.model_spec, model) if self.mlm_epochs else (None, None))
         transfer_embeddings(model, mlm, sources, new_tok.pad_token_id)
         mlm_stats: dict[str, Any] = {"epochs": 0}
         if mlm is not None:
@@ -398,17 +392,29 @@ class VocabularyTransfer(Compressor):
                                         self.mlm_probability, self.mlm_lr, self.mlm_weight_decay)
         mlm_stats["head"] = head
         model.train()
-        ctx.tokenizer = new_tok
-        saved = Path(ctx.output_dir) / "tokenizer"
+        saved = Path(ctx.workdir) / "tokenizer"
         new_tok.save_pretrained(saved)
 
-        val_texts = ctx.datamodule.texts("val")
+        val_texts = ctx.data.texts("val")
         self._report = {"percent": self.percent, "vocab_size_base": base_size, **tok_stats, **fvt_stats,
                         "tokens_per_train_text": {"base": tokens_per_text(old_tok, texts),
                                                   "new": tokens_per_text(new_tok, texts)},
                         "unknown_token_rate_val": {"base": unknown_rate(old_tok, val_texts),
                                                    "new": unknown_rate(new_tok, val_texts)},
                         "tokenizer_seconds": tok_seconds, "mlm": mlm_stats, "tokenizer_dir": str(saved)}
+        return Compressed(model, tokenizer=new_tok)
 
-    def report(self, ctx: "RunContext") -> dict[str, Any]:
+    def _control(self, ctx: CompressionContext) -> Compressed:
+        """The matched control (``vtc``): the same masked-LM adaptation and fine-tuning with the base
+        tokenizer and embeddings, so a vt row can be read against domain-adaptive MLM alone."""
+        mlm, head = masked_lm_for(ctx.model_spec, ctx.model)
+        stats = adapt_masked_lm(ctx, mlm, ctx.tokenizer, self.mlm_epochs, self.mlm_batch_size, self.mlm_probability,
+                                self.mlm_lr, self.mlm_weight_decay)
+        stats["head"] = head
+        ctx.model.train()
+        self._report = {"control": "base tokenizer kept; masked-LM adaptation and fine-tuning as vocabulary transfer",
+                        "vocab_size": len(ctx.tokenizer.get_vocab()), "mlm": stats}
+        return Compressed(ctx.model)
+
+    def report(self, ctx: CompressionContext) -> dict[str, Any]:
         return dict(self._report)

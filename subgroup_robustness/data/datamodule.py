@@ -3,6 +3,7 @@ dynamically padded batches that carry label and metadata (WILDS' contract) with 
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from pathlib import Path
@@ -17,8 +18,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from subgroup_robustness.data.groups import PRIMARY, Grouping, build_groupings, metadata_columns
-from subgroup_robustness.data.sources.common import SPLITS
+from subgroup_robustness.data.groups import PRIMARY, Grouping, build_groupings, metadata_columns, value_names
+from subgroup_robustness.data.sources.splits import SPLITS
+from subgroup_robustness.data.spec import validate_dataset_spec
 from subgroup_robustness.utils.errors import CorruptDataError, UserError
 from subgroup_robustness.utils.io import atomic_write_bytes, file_lock, stable_hash
 
@@ -38,6 +40,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def validate_table(df: pd.DataFrame, dataset_cfg: Mapping) -> None:
+    """The source kept its contract: every column, known splits, and every label and attribute code an
+    index into its names in the config (a code past the end would land in no group, silently)."""
     name = dataset_cfg.get("name")
     needed = ["text", *metadata_columns(dataset_cfg), "split"]
     if dataset_cfg.get("text_pair"):
@@ -48,9 +52,17 @@ def validate_table(df: pd.DataFrame, dataset_cfg: Mapping) -> None:
     bad = set(df["split"].unique()) - set(SPLITS)
     if bad:
         raise CorruptDataError(f"dataset {name!r}: unknown split values {sorted(bad)}; expected {SPLITS}")
-    n_labels = len(dataset_cfg["label_names"])
-    if len(df) and (df["label"].min() < 0 or df["label"].max() >= n_labels):
-        raise CorruptDataError(f"dataset {name!r}: labels outside 0..{n_labels - 1}")
+    for col in metadata_columns(dataset_cfg):
+        names = value_names(dataset_cfg, col)
+        where = "label_names" if col == "label" else f"attributes.{col}"
+        values = pd.to_numeric(df[col], errors="coerce")
+        outside = values.isna() | (values % 1 != 0) | (values < 0) | (values >= len(names))
+        if outside.any():
+            shown = sorted({str(v) for v in df[col][outside]})[:5]
+            raise CorruptDataError(
+                f"dataset {name!r}: column {col!r} has value(s) {shown} outside 0..{len(names) - 1}, the indices "
+                f"of {where} {names}; the source and the dataset config disagree"
+            )
 
 
 def subsample_table(df: pd.DataFrame, sizes: Mapping[str, int] | None, strata: pd.Series, seed: int) -> pd.DataFrame:
@@ -181,7 +193,9 @@ class GroupDataModule(L.LightningDataModule):
                  num_workers: int = 0, bucket: bool = True, seed: int = 0,
                  cache_dir: str | None = None, tokenizer=None):
         super().__init__()
+        validate_dataset_spec(dataset)  # before resolving: a missing key is named, not an interpolation error
         self.cfg = _as_dict(dataset)
+        validate_dataset_spec(self.cfg)  # resolved: the interpolated values' types too
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.num_workers, self.bucket, self.seed = int(num_workers), bool(bucket), int(seed)
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -298,8 +312,6 @@ class GroupDataModule(L.LightningDataModule):
                 except Exception:
                     log.warning("token cache %s unreadable; rebuilding it", path)
             data = self._tokenize(df)
-            import io
-
             buf = io.BytesIO()
             torch.save(data, buf)
             atomic_write_bytes(path, buf.getvalue())
@@ -352,15 +364,3 @@ class GroupDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False)
-
-    # ---- description ------------------------------------------------------------------------------
-    def describe(self) -> dict[str, Any]:
-        df = self.load_table()
-        out: dict[str, Any] = {
-            "dataset": self.name,
-            "split_sizes": {s: int((df["split"] == s).sum()) for s in SPLITS},
-            "groupings": {},
-        }
-        for name in self.groupings:
-            out["groupings"][name] = self.group_counts(name).to_dict(orient="index")
-        return out

@@ -1,8 +1,8 @@
 """``python -m subgroup_robustness.data [overrides]``: what a dataset config yields, before any training.
 
 It composes the same Hydra config as a run (same overrides: ``dataset=multinli dataset.source.path=...``,
-``debug=tiny``, ...), loads the normalized table and prints the split sizes and, for every grouping,
-the examples per group and split. Overlapping groupings also show how many examples are in no group.
+``debug=tiny``, ...), loads the normalized table and prints the label and attribute names (the source
+module's vocabulary), the split sizes and, for every grouping, the examples per group and split. Overlapping groupings also show how many examples are in no group.
 ``--json`` prints the same numbers as JSON.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from omegaconf import DictConfig
 
-from subgroup_robustness.data.sources.common import SPLITS
+from subgroup_robustness.data.sources.splits import SPLITS
 from subgroup_robustness.utils.errors import UserError
 
 USAGE = """usage: python -m subgroup_robustness.data [--json] [hydra overrides ...]
@@ -47,6 +47,7 @@ def summarize(cfg: DictConfig) -> dict[str, Any]:
     out: dict[str, Any] = {
         "dataset": dm.name,
         "labels": list(dm.cfg["label_names"]),
+        "attributes": {k: list(v) for k, v in (dm.cfg.get("attributes") or {}).items()},
         "split_sizes": {s: int((df["split"] == s).sum()) for s in SPLITS},
         "groupings": {},
     }
@@ -63,11 +64,15 @@ def summarize(cfg: DictConfig) -> dict[str, Any]:
 
 
 def render(summary: dict[str, Any]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from subgroup_robustness.utils.console import console
 
     total = sum(summary["split_sizes"].values())
+    console.print(f"[bold]{summary['dataset']}: labels[/bold] " + escape(", ".join(summary["labels"])), soft_wrap=True)
+    for attr, names in summary["attributes"].items():
+        console.print(f"[bold]{summary['dataset']}: attribute {attr}[/bold] " + escape(", ".join(names)), soft_wrap=True)
     console.print(f"[bold]{summary['dataset']}: split sizes[/bold]")
     sizes = Table()
     sizes.add_column("split")

@@ -17,8 +17,8 @@ class GroupMetrics(L.Callback):
     """Needs ``validation_step``/``test_step`` to return ``{"preds": (B,)}``; groups come from the
     datamodule's groupings, so the callback has no dataset knowledge of its own.
 
-    ``save_predictions`` keeps every test prediction (index, label, pred), for significance tests
-    that need no re-run."""
+    ``save_predictions`` keeps every test prediction (index, label, pred) and its class probabilities
+    (float16), for significance tests, prediction flips and calibration that need no re-run."""
 
     def __init__(self, save_predictions: bool = True):
         self.save_predictions = save_predictions
@@ -26,6 +26,7 @@ class GroupMetrics(L.Callback):
         self.metrics: dict[str, nn.ModuleDict] = {}
         self.results: dict[str, dict[str, Any]] = {}
         self.predictions: dict[str, list[torch.Tensor]] = {}
+        self.probabilities: dict[str, list[torch.Tensor]] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         dm = trainer.datamodule
@@ -38,6 +39,7 @@ class GroupMetrics(L.Callback):
             {name: GroupAccuracy(g.group_names) for name, g in self.groupings.items()}
         ).to(pl_module.device)
         self.predictions[split] = []
+        self.probabilities[split] = []
 
     def _update(self, split: str, outputs: Any, batch: dict[str, torch.Tensor]) -> None:
         preds = outputs["preds"]
@@ -46,6 +48,8 @@ class GroupMetrics(L.Callback):
             metric.update(preds, target, self.groupings[name].masks(meta))
         if self.save_predictions and split == "test":
             self.predictions[split].append(torch.stack([batch["index"], target, preds], 1).detach().cpu())
+            if outputs.get("probs") is not None:
+                self.probabilities[split].append(outputs["probs"].detach().to("cpu", torch.float16))
 
     def _end(self, split: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         flat: dict[str, float] = {}
@@ -84,6 +88,13 @@ class GroupMetrics(L.Callback):
             return None
         t = torch.cat(rows)
         return t[t[:, 0].argsort()]
+
+    def test_probabilities(self) -> torch.Tensor | None:
+        """(N, C) float16 class probabilities in the order of ``test_predictions``."""
+        rows, probs = self.predictions.get("test"), self.probabilities.get("test")
+        if not rows or not probs or sum(len(p) for p in probs) != sum(len(r) for r in rows):
+            return None
+        return torch.cat(probs)[torch.cat(rows)[:, 0].argsort()]
 
 
 class BestWeights(L.Callback):

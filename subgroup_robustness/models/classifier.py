@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from subgroup_robustness.models.objectives import ERM, Objective
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+from subgroup_robustness.models.structure import MODEL_INPUTS, model_inputs  # noqa: F401 - MODEL_INPUTS re-exported
 
 
 class SequenceClassifier(L.LightningModule):
@@ -38,8 +37,7 @@ class SequenceClassifier(L.LightningModule):
         self._compiled: tuple[nn.Module, Callable] | None = None
 
     def forward(self, batch: dict[str, torch.Tensor], **kwargs):
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        return self.model(**inputs, **kwargs)
+        return self.model(**model_inputs(batch), **kwargs)
 
     def _train_forward(self, batch: dict[str, torch.Tensor], **kwargs):
         if not self.compile_model:
@@ -48,8 +46,7 @@ class SequenceClassifier(L.LightningModule):
             # dynamic: bucketed batches change the sequence length every step; one graph serves them all.
             # A tuple is not registered as a submodule, so state_dict keys stay those of the plain model.
             self._compiled = (self.model, torch.compile(self.model, dynamic=True))
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        return self._compiled[1](**inputs, **kwargs)
+        return self._compiled[1](**model_inputs(batch), **kwargs)
 
     def training_step(self, batch, batch_idx):
         kwargs = {}
@@ -82,7 +79,7 @@ class SequenceClassifier(L.LightningModule):
 
     def _eval_step(self, batch):
         logits = self(batch).logits
-        return {"preds": logits.argmax(-1)}
+        return {"preds": logits.argmax(-1), "probs": logits.float().softmax(-1)}
 
     def validation_step(self, batch, batch_idx):
         return self._eval_step(batch)

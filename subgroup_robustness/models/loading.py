@@ -4,11 +4,12 @@ Weights load from safetensors; remote code is never trusted."""
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from subgroup_robustness.models.surgery import is_reshaped, load_pruned
+from subgroup_robustness.utils.env import hub_offline, quiet_transformers
 from subgroup_robustness.utils.errors import ModelUnavailableError
 
 OFFLINE_ALTERNATIVES = (
@@ -54,7 +55,13 @@ def resolve_model_path(model_cfg: Mapping[str, Any]) -> tuple[str, str]:
     if source == "hub":
         hub_id = model_cfg["hub_id"]
         return hub_id, str(model_cfg.get("tokenizer") or hub_id)
-    raise ModelUnavailableError(f"model {model_cfg.get('name')!r}: unknown source {source!r} (package, hub or local)")
+    if source == "converted":  # weights in another format, converted once into the asset cache
+        from hydra.utils import get_method
+
+        folder = str(get_method(model_cfg["converter"])(model_cfg))
+        return folder, str(model_cfg.get("tokenizer") or folder)
+    raise ModelUnavailableError(
+        f"model {model_cfg.get('name')!r}: unknown source {source!r} (package, hub, local or converted)")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -62,7 +69,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     import socket
     from urllib.parse import urlparse
 
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+    if hub_offline():
         return False
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
@@ -103,7 +110,7 @@ def load_model(model_cfg: Mapping[str, Any], num_labels: int, label_names: list[
     from transformers import AutoModelForSequenceClassification
 
     path, _ = resolve_model_path(model_cfg)
-    if model_cfg.get("source") == "local" and _is_head_pruned(path):
+    if model_cfg.get("source") == "local" and is_reshaped(path):
         return _load_pruned_local(model_cfg, path, num_labels)
     # a checkpoint fine-tuned for another task has a head of another size: start a fresh head
     kwargs: dict[str, Any] = {"num_labels": num_labels, "trust_remote_code": False,
@@ -116,22 +123,13 @@ def load_model(model_cfg: Mapping[str, Any], num_labels: int, label_names: list[
     kwargs.update(_hub_kwargs(model_cfg))
     if model_cfg.get("attn_implementation"):
         kwargs["attn_implementation"] = model_cfg["attn_implementation"]
-    loggers = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)  # "newly initialized: classifier.*" is expected, not news
     try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        if model_cfg.get("model_type"):
-            _explicit_config(model_cfg["model_type"], path, kwargs)
-        model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, **kwargs)
+        with quiet_transformers():  # "newly initialized: classifier.*" is expected, not news
+            if model_cfg.get("model_type"):
+                _explicit_config(model_cfg["model_type"], path, kwargs)
+            model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
         raise _hub_error(model_cfg, f"the weights {path!r}", exc) from None
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
     wrong = [k for k in _keys(info.get("mismatched_keys")) if "classifier" not in k]
     if wrong:
         raise ModelUnavailableError(
@@ -156,24 +154,8 @@ def _explicit_config(model_type: str, path: str, kwargs: dict[str, Any]) -> None
     kwargs["config"] = CONFIG_MAPPING[model_type].from_pretrained(path, **moved, **local)
 
 
-def hf_offline_env() -> None:
-    """Switch the hub off for the offline default (package and local sources never need it)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def _is_head_pruned(path: str) -> bool:
-    import json
-
-    from subgroup_robustness.compression.pruning import KEPT_HEADS_KEY
-
-    with open(Path(path) / "config.json", encoding="utf-8") as fh:
-        return bool(json.load(fh).get(KEPT_HEADS_KEY))
-
-
 def _load_pruned_local(model_cfg: Mapping[str, Any], path: str, num_labels: int):
-    """A head-pruned checkpoint (e.g. a cached pr40 model) keeps its pruned shape and its head."""
-    from subgroup_robustness.compression.pruning import load_pruned
-
+    """A reshaped checkpoint (e.g. a cached pr40 model) keeps its pruned shape and its head."""
     model = load_pruned(path)
     if model.config.num_labels != num_labels:
         raise ModelUnavailableError(

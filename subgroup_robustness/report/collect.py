@@ -6,11 +6,18 @@ compression that is not the reference, the model's name (the distilled checkpoin
 model of an experiment and dataset is the one the compressors were applied to (or, with none applied,
 the largest model fine-tuned as is); its uncompressed runs are the ``base`` row every other row is
 compared with, seed by seed.
+
+Row order comes from the data, so a new compressor needs no code here (``row_order``): the ``base`` row
+first, then one block per family (alphabetically), each in the order of the experiment's sweep list (the
+grid's ``setting`` / ``compressor`` / ``model`` lists, read from results.json's ``sweep`` or the job's
+``.hydra/hydra.yaml``), then by name stem, size (largest first) and name. For the paper's grid that is
+Table 1's order.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +34,8 @@ BASE = "base"
 # the family of a distilled checkpoint fine-tuned as is (the paper's KD rows)
 CHECKPOINT_FAMILY = "distillation"
 KEY = ["experiment", "dataset", "setting", "seed"]
+# the sweeper lists a grid's rows come from, in this order of precedence (conf/experiment/*.yaml)
+SWEEP_KEYS = ("setting", "compressor", "model")
 
 
 class NoResultsError(UserError):
@@ -48,10 +57,10 @@ class Collection:
         for _, r in self.completed.iterrows():
             res = ((self.records[r["dir"]].get("groups") or {}).get("test") or {}).get(PRIMARY) or {}
             for g, acc in (res.get("acc") or {}).items():
-                rows.append({**{k: r[k] for k in KEY}, "family": r["family"], "group": g,
-                             "acc": math.nan if acc is None else float(acc),
+                rows.append({**{k: r[k] for k in KEY}, "family": r["family"], "row_order": r["row_order"],
+                             "group": g, "acc": math.nan if acc is None else float(acc),
                              "count": (res.get("count") or {}).get(g)})
-        return pd.DataFrame(rows, columns=[*KEY, "family", "group", "acc", "count"])
+        return pd.DataFrame(rows, columns=[*KEY, "family", "row_order", "group", "acc", "count"])
 
 
 def find_results(paths: Iterable[str | Path]) -> list[Path]:
@@ -153,10 +162,70 @@ def base_label(row: pd.Series, reference: str | None) -> str:
     return label(pd.Series({**row.to_dict(), "model": model, "compressor": "none"}), reference)[0]
 
 
+# ---- row order ---------------------------------------------------------------------------------------
+def _sweep_names(params: Any) -> list[str]:
+    """Row names from a sweeper's params ({setting: "base,pr20,...", ...}); non-list sweeps are skipped."""
+    if not isinstance(params, dict):
+        return []
+    names: list[str] = []
+    for key in SWEEP_KEYS:
+        value = params.get(key)
+        items = value if isinstance(value, list) else str(value or "").split(",")
+        names += [str(v).strip() for v in items if str(v).strip() and not re.search(r"[()\[\]{}=:]", str(v))]
+    return names
+
+
+def sweep_rows(run_dir: Path, rec: dict[str, Any]) -> list[str]:
+    """The rows of the grid a run was launched from, in the experiment's order: results.json's
+    ``sweep.params`` when recorded, else the sweeper params in Hydra's ``<run dir>/.hydra/hydra.yaml``."""
+    recorded = _get(rec, "sweep", "params")
+    if recorded:
+        return _sweep_names(recorded)
+    path = run_dir / ".hydra" / "hydra.yaml"
+    if not path.is_file():
+        return []
+    import yaml
+
+    try:
+        hydra = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except (OSError, ValueError, yaml.YAMLError):
+        return []
+    return _sweep_names(_get(hydra, "hydra", "sweeper", "params", default={}))
+
+
+def _natural(name: str) -> tuple:
+    """pr20 < pr100: digits compare as numbers."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
+
+def row_order(runs: pd.DataFrame, sweeps: dict[str, list[str]]) -> pd.Series:
+    """Each run's row position within its experiment (0 = first row). Per objective (ERM first): the
+    ``base`` row, then families alphabetically; within a family the experiment's sweep list (``sweeps``:
+    experiment -> row names), then the name's stem (``pr`` of ``pr40``), size (largest first) and name."""
+    exps = runs["experiment"].map(lambda e: e if isinstance(e, str) else "")  # unreadable runs have none
+    settings = runs["setting"].map(str)
+    keys: dict[tuple[str, str], tuple] = {}
+    for (exp, setting), part in runs.groupby([exps, settings], sort=False):
+        name, _, objective = setting.partition(" [")
+        family = str(part["family"].iloc[0])
+        listed = sweeps.get(exp, [])
+        size = pd.to_numeric(part["size_mb"], errors="coerce").mean()
+        keys[(exp, setting)] = (name == "?", objective, family != "none", family,
+                                listed.index(name) if name in listed else len(listed),
+                                re.sub(r"\d+$", "", name), 0.0 if math.isnan(size) else -round(size, 3),
+                                _natural(name))
+    rank: dict[tuple[str, str], int] = {}
+    for exp in dict.fromkeys(e for e, _ in keys):
+        ordered = sorted((k for k in keys if k[0] == exp), key=keys.__getitem__)
+        rank.update({k: i for i, k in enumerate(ordered)})
+    return pd.Series([rank[k] for k in zip(exps, settings)], index=runs.index, dtype=int)
+
+
 def collect(paths: Iterable[str | Path] | str | Path) -> Collection:
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     files = find_results(paths)
     rows, records = [], {}
+    sweeps: dict[Any, list[str]] = {}
     for f in files:
         try:
             rec = read_json(f)
@@ -165,6 +234,8 @@ def collect(paths: Iterable[str | Path] | str | Path) -> Collection:
             continue
         rows.append(run_row(f, rec))
         records[str(f.parent)] = rec
+        listed = sweeps.setdefault(rows[-1]["experiment"], [])
+        listed += [n for n in sweep_rows(f.parent, rec) if n not in listed]
     if not rows:
         raise NoResultsError(f"no {RESULTS_FILE} under {', '.join(map(str, paths))}; run a sweep first "
                              f"(make grid) or point the report at the folder it wrote (logs/<experiment>/multirun)")
@@ -179,9 +250,10 @@ def collect(paths: Iterable[str | Path] | str | Path) -> Collection:
     runs["base_setting"] = [base_label(r, refs.get((r["experiment"], r["dataset"]))) for _, r in runs.iterrows()]
     runs["reference_model"] = [refs.get((r["experiment"], r["dataset"])) for _, r in runs.iterrows()]
     runs["used"] = _latest_completed(runs)
-    order = ["status", "used", *KEY, "family", "base_setting", "model", "compressor", "objective", "size_mb", "params",
-             "acc_avg", "acc_wg", "val_acc_avg", "val_acc_wg", "worst_group", "base_acc_avg", "base_acc_wg",
-             "seconds", "started", "finished", "error", "reference_model", "run_id", "predictions", "dir"]
+    runs["row_order"] = row_order(runs, sweeps)
+    order = ["status", "used", *KEY, "family", "row_order", "base_setting", "model", "compressor", "objective",
+             "size_mb", "params", "acc_avg", "acc_wg", "val_acc_avg", "val_acc_wg", "worst_group", "base_acc_avg",
+             "base_acc_wg", "seconds", "started", "finished", "error", "reference_model", "run_id", "predictions", "dir"]
     runs = runs[order + [c for c in runs.columns if c not in order]]
     return Collection(runs=runs.sort_values([*KEY, "dir"], na_position="last").reset_index(drop=True),
                       records=records)

@@ -5,23 +5,46 @@ in a notebook alike; each function returns the Figure and saves a PNG when given
 from __future__ import annotations
 
 import math
+import zlib
 from pathlib import Path
+from typing import Iterable
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from subgroup_robustness.report.tables import setting_order
-
+# the paper's families keep the colours of its figures; any other family gets one from PALETTE, picked by
+# a hash of its name (the same colour in every figure), so a new compressor family needs no entry here
 FAMILY_COLORS = {"none": "black", "distillation": "tab:blue", "pruning": "tab:orange",
                  "quantization": "tab:green", "vocabulary": "tab:red", "vocabulary_transfer": "tab:red"}
-EXTRA_COLORS = ["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+PALETTE = ["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray", "#393b79", "#8c6d31",
+           "#843c39", "#7b4173", "#637939", "#3182bd"]
 
 
-def family_colors(families) -> dict[str, str]:
-    out, extra = {}, iter(EXTRA_COLORS * 4)
-    for f in sorted(set(families)):
-        out[f] = FAMILY_COLORS.get(f) or next(extra)
+def family_color(family: str) -> str:
+    """A family's colour: fixed for the paper's families, else chosen by a stable hash of the name."""
+    return FAMILY_COLORS.get(family) or PALETTE[zlib.crc32(str(family).encode("utf-8")) % len(PALETTE)]
+
+
+def family_colors(families: Iterable[str]) -> dict[str, str]:
+    """Colours for the families of one figure: ``family_color``, except that two families whose hashes
+    meet take the next free palette colours (in name order), so a figure never shows one colour twice."""
+    out: dict[str, str] = {}
+    for f in sorted(set(map(str, families))):
+        color = family_color(f)
+        if f not in FAMILY_COLORS and color in out.values():
+            start = PALETTE.index(color)
+            free = [c for c in PALETTE[start:] + PALETTE[:start] if c not in out.values()]
+            color = free[0] if free else color
+        out[f] = color
     return out
+
+
+def _row_sorted(index: Iterable[str], order: pd.Series | None) -> list[str]:
+    """Settings in the collection's row order (``row_order``), else as given."""
+    index = list(index)
+    if order is None:
+        return index
+    return sorted(index, key=lambda s: (order.get(s, math.inf), index.index(s)))
 
 
 def _save(fig: Figure, path: str | Path | None) -> Figure:
@@ -56,9 +79,11 @@ def wga_vs_size(summary: pd.DataFrame, title: str = "", path: str | Path | None 
 
 
 def group_heatmap(groups: pd.DataFrame, title: str = "", path: str | Path | None = None) -> Figure:
-    """Per-group test accuracy (mean over seeds) by setting: rows are settings, columns groups."""
+    """Per-group test accuracy (mean over seeds) by setting: rows are settings (in the collection's row order),
+    columns groups."""
     table = groups.pivot_table(index="setting", columns="group", values="acc", aggfunc="mean", sort=False)
-    table = table.loc[sorted(table.index, key=setting_order)]
+    order = groups.groupby("setting")["row_order"].min() if "row_order" in groups else None
+    table = table.loc[_row_sorted(table.index, order)]
     group_order = list(dict.fromkeys(groups["group"]))
     table = table[[g for g in group_order if g in table.columns]]
     n_rows, n_cols = table.shape

@@ -15,31 +15,16 @@ The test examples' metadata (label and attribute values) are saved next to the p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from subgroup_robustness.results import read_predictions
+
 CONFIDENCE = 0.95
-
-
-# ---- predictions.npz ----------------------------------------------------------------------------------
-def prediction_metadata(datamodule: Any, index: np.ndarray) -> dict[str, np.ndarray]:
-    """The test split's metadata rows in the order of ``index`` (the saved predictions), for
-    predictions.npz; empty when they cannot be matched (then significance falls back to point deltas)."""
-    split = getattr(datamodule, "splits", {}).get("test")
-    if split is None:
-        return {}
-    ids = split.index.numpy()
-    order = np.argsort(ids, kind="stable")
-    pos = np.searchsorted(ids, index, sorter=order)
-    pos = np.clip(pos, 0, max(len(ids) - 1, 0))
-    if len(ids) == 0 or not np.array_equal(ids[order[pos]], index):
-        return {}
-    meta = split.metadata.numpy()[order[pos]]
-    dtype = np.int16 if meta.size == 0 or (meta.min() >= -(2 ** 15) and meta.max() < 2 ** 15) else np.int32
-    return {"metadata": meta.astype(dtype), "metadata_columns": np.asarray(datamodule.columns)}
 
 
 @dataclass
@@ -54,10 +39,10 @@ def load_predictions(path: str | Path, dataset_cfg: Mapping | None) -> Predictio
     """predictions.npz -> correctness and primary-group masks (recomputed from the dataset config)."""
     from subgroup_robustness.data.groups import PRIMARY, build_groupings
 
-    with np.load(path, allow_pickle=False) as z:
-        index, label, pred = z["index"], z["label"], z["pred"]
-        meta = z["metadata"] if "metadata" in z.files else None
-        columns = [str(c) for c in z["metadata_columns"]] if "metadata_columns" in z.files else None
+    z = read_predictions(path)
+    index, label, pred = z["index"], z["label"], z["pred"]
+    meta = z.get("metadata")
+    columns = [str(c) for c in z["metadata_columns"]] if "metadata_columns" in z else None
     masks, names = None, []
     if meta is not None and dataset_cfg is not None:
         import torch
@@ -119,6 +104,8 @@ def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, masks: np.nda
 
 
 def interval(samples: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    if np.isnan(samples).any():
+        return math.nan, math.nan
     lo, hi = np.quantile(samples, [(1 - confidence) / 2, 1 - (1 - confidence) / 2])
     return float(lo), float(hi)
 
@@ -163,6 +150,12 @@ def compare(pairs: Sequence[tuple[int, Predictions, Predictions]], n_boot: int =
         row.update(d_avg=res["d_avg"], d_avg_lo=lo_a, d_avg_hi=hi_a, d_avg_sig=excludes_zero(lo_a, hi_a),
                    d_wg=res["d_wg"], d_wg_lo=lo_w, d_wg_hi=hi_w, d_wg_sig=excludes_zero(lo_w, hi_w),
                    n=res["n"], grouped=masks is not None)
+        if masks is None:
+            # without group metadata every example is one "group": that interval is the Δ-average one, not a
+            # worst-group interval, so none is reported (predictions.npz of this version always has metadata)
+            row.update(d_wg=None, d_wg_lo=None, d_wg_hi=None, d_wg_sig=False,
+                       note="no group metadata in predictions.npz: no worst-group interval")
+            res["samples"][:, 1] = np.nan
         rows.append(row)
         samples.append(res["samples"])
     out: dict[str, Any] = {"per_seed": rows, "across": None}
@@ -178,4 +171,6 @@ def compare(pairs: Sequence[tuple[int, Predictions, Predictions]], n_boot: int =
             "d_wg": float(np.mean([r["d_wg"] for r in good])), "d_wg_lo": lo_w, "d_wg_hi": hi_w,
             "d_wg_sig": excludes_zero(lo_w, hi_w),
         }
+        if any(r.get("d_wg") is None for r in good):
+            out["across"].update(d_wg=None, d_wg_lo=None, d_wg_hi=None, d_wg_sig=False)
     return out

@@ -1,6 +1,8 @@
 """The paper's tables from a collection of runs: per setting, size, parameters, average and worst-group
 accuracy as mean ± std over seeds (sample std, ddof=1), and the change against the base with a
-bootstrap interval (marked * when it excludes zero); plus a Table-1-style size table."""
+bootstrap interval (marked * when it excludes zero); plus a Table-1-style size table. Rows come in the
+collection's ``row_order`` (see ``collect.row_order``: derived from the runs, Table 1's order for the paper's
+grid)."""
 
 from __future__ import annotations
 
@@ -14,17 +16,6 @@ import pandas as pd
 
 from subgroup_robustness.report import significance as sig
 from subgroup_robustness.report.collect import BASE, Collection
-
-# the paper's Table 1 order, then this framework's extra settings; anything else follows alphabetically
-CANONICAL = ["base", "bert_medium", "bert_small", "bert_mini", "bert_tiny", "distilbert", "tinybert6",
-             "tinybert4", "distill", "distill_l2", "pr20", "pr40", "pr60", "pr80", "up20", "up40", "up60",
-             "up80", "dq", "quant8", "sq", "qat", "vt100", "vt75", "vt50", "vt25"]
-
-
-def setting_order(setting: str) -> tuple:
-    name, _, objective = setting.partition(" [")
-    return (objective, CANONICAL.index(name) if name in CANONICAL else len(CANONICAL), name)
-
 
 def _std(x: pd.Series) -> float:
     return float(x.std(ddof=1)) if x.notna().sum() > 1 else math.nan
@@ -51,6 +42,7 @@ def summarize(col: Collection, n_boot: int = 2000, seed: int = 0,
     for (exp, ds, setting), part in done.groupby(["experiment", "dataset", "setting"], sort=False):
         row: dict[str, Any] = {
             "experiment": exp, "dataset": ds, "setting": setting, "family": part["family"].iloc[0],
+            "row_order": int(part["row_order"].iloc[0]),
             "model": part["model"].iloc[0], "compressor": part["compressor"].iloc[0],
             "seeds": int(part["seed"].nunique()), "seed_list": ",".join(map(str, sorted(part["seed"].unique()))),
             "size_mb": float(part["size_mb"].mean()), "params": float(part["params"].mean()),
@@ -91,8 +83,7 @@ def summarize(col: Collection, n_boot: int = 2000, seed: int = 0,
         rows.append(row)
     summary = pd.DataFrame(rows)
     if len(summary):
-        summary = summary.sort_values(["experiment", "dataset", "setting"],
-                                      key=lambda s: s.map(setting_order) if s.name == "setting" else s)
+        summary = summary.sort_values(["experiment", "dataset", "row_order"], kind="stable")
         base_size = summary[summary["setting"] == BASE].set_index(["experiment", "dataset"])["size_mb"]
         summary["size_vs_base"] = [r["size_mb"] / base_size.get((r["experiment"], r["dataset"]), math.nan)
                                    for _, r in summary.iterrows()]
@@ -139,7 +130,8 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
 def size_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Table 1 of the paper: size and parameters per setting (one column pair per dataset if they differ)."""
     datasets = list(dict.fromkeys(summary["dataset"]))
-    settings = sorted(dict.fromkeys(summary["setting"]), key=setting_order)
+    ordered = summary.sort_values("row_order", kind="stable") if "row_order" in summary else summary
+    settings = list(dict.fromkeys(ordered["setting"]))
     rows = []
     for s in settings:
         part = summary[summary["setting"] == s]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from typing import Iterator
 
 
 def quiet_third_party() -> None:
@@ -33,4 +35,25 @@ def quiet_third_party() -> None:
 
 
 def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it."""
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Loading our own or a known checkpoint: transformers' load report ("newly initialized: classifier.*"),
+    tensor-parallel notes and progress bars are not news (what matters is recorded in results.json)."""
+    from transformers.utils import logging as hf_logging
+
+    loggers = [logging.getLogger(n) for n in ("transformers", "transformers.modeling_utils")]
+    levels, bars = [lg.level for lg in loggers], hf_logging.is_progress_bar_enabled()
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import secrets
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+
+from subgroup_robustness.utils.io import stable_hash
 
 _UID = f"{os.getpid():x}{secrets.token_hex(2)}"
+MAX_DIRNAME = 100
 
 
 def cpu_supports_bf16() -> bool:
@@ -30,11 +33,36 @@ def auto_precision(value: str = "auto") -> str:
     return "bf16-mixed" if cpu_supports_bf16() else "32-true"
 
 
+def job_dirname(dirname: str, *, _root_: DictConfig) -> str:
+    """A job's folder from its overrides: Hydra's ``override_dirname`` when it is short and has no path in
+    it; otherwise the short overrides plus a hash of all of them. Deterministic, so a relaunch finds every
+    finished job in its old folder. Resolver ``sr.job_dir``."""
+    if dirname and len(dirname) <= MAX_DIRNAME and "/" not in dirname:
+        return dirname
+    if not dirname:
+        return "default"
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    exclude = set(_root_.hydra.job.config.override_dirname.exclude_keys or [])
+    overrides = OverridesParser.create().parse_overrides(list(_root_.hydra.overrides.task))
+    short = sorted(o.input_line for o in overrides if o.key_or_group not in exclude
+                   and "/" not in o.input_line and len(o.input_line) <= 40)
+    return ",".join([*short, f"h={stable_hash(dirname, 8)}"])
+
+
+def _vocabulary(*args):
+    """``${sr.vocab:<source>,<NAME>[,<ids>]}``: a dataset vocabulary defined once, in its source module."""
+    from subgroup_robustness.data.spec import vocabulary
+
+    return vocabulary(*args)
+
+
 def register() -> None:
-    if not OmegaConf.has_resolver("sr.job_dir"):
-        import subgroup_robustness.sweep  # noqa: F401 - registers sr.job_dir (deterministic sweep job dirs)
+    """Register the project's resolvers (idempotent); called by the entry point and ``utils.compose``."""
     if OmegaConf.has_resolver("sr.uid"):
         return
+    OmegaConf.register_new_resolver("sr.job_dir", job_dirname)
+    OmegaConf.register_new_resolver("sr.vocab", _vocabulary)
     # unique per process: two jobs that start in the same second never share a run directory
     OmegaConf.register_new_resolver("sr.uid", lambda: _UID, use_cache=True)
     OmegaConf.register_new_resolver("sr.wandb_offline", lambda: not os.environ.get("WANDB_API_KEY"))

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
+from subgroup_robustness.compression.context import Compressed, SimpleContext
 from subgroup_robustness.compression.distillation import (
     DistillationLoss, TaskDistillation, select_layers, soft_target_loss, student_from_teacher, uniform_layer_map)
 from subgroup_robustness.models.classifier import SequenceClassifier
@@ -34,10 +35,10 @@ def load(folder):
 
 
 def fake_ctx(folder, **extra):
+    """The context a run gives the first stage: the cached fine-tuned base (here a tiny BERT) and its record."""
     model, tok = load(folder)
-    cfg = SimpleNamespace(dataset=SimpleNamespace(label_names=["not_biased", "biased"]))
-    return SimpleNamespace(cfg=cfg, model=model, tokenizer=tok, teacher=None,
-                           base_info={"key": "k", "metrics": {"test": {"test/acc_avg": 0.5}}}, **extra)
+    return SimpleContext(model=model, tokenizer=tok, label_names=["not_biased", "biased"],
+                         base={"key": "k", "metrics": {"test": {"test/acc_avg": 0.5}}}, **extra)
 
 
 def batch_of(tok, n=8, seed=0):
@@ -112,7 +113,8 @@ def test_temperature_and_weights_reach_the_training_loss(teacher_dir):
                                 ).compressor.stages[0])
     assert (stage.temperature, stage.soft_weight, stage.ce_weight, stage.num_layers) == (4.0, 0.3, 0.7, 3)
     teacher = ctx.model
-    stage.apply(ctx)
+    ctx.update(stage.apply(ctx))
+    assert ctx.teacher is teacher and ctx.model is not teacher
     module = SequenceClassifier(ctx.model, scheduler="constant")
     stage.configure_module(ctx, module)
     assert module.ce_weight == 0.7 and module.distillation.temperature == 4.0
@@ -131,7 +133,11 @@ def test_temperature_and_weights_reach_the_training_loss(teacher_dir):
 def test_teacher_is_frozen_and_outside_optimizer_and_state_dict(teacher_dir):
     ctx = fake_ctx(teacher_dir)
     stage = TaskDistillation(num_layers=2, hidden_weight=1.0)
-    stage.apply(ctx)
+    base = ctx.model
+    result = stage.apply(ctx)
+    assert isinstance(result, Compressed) and result.teacher is base and result.tokenizer is None
+    assert ctx.model is base and ctx.teacher is None  # the stage hands its result back; the run assigns it
+    ctx.update(result)
     teacher, student = ctx.teacher, ctx.model
     module = SequenceClassifier(student, scheduler="constant")
     stage.configure_module(ctx, module)
@@ -143,9 +149,12 @@ def test_teacher_is_frozen_and_outside_optimizer_and_state_dict(teacher_dir):
     assert {id(p) for p in student.parameters()} <= optimised
     module.training_step(batch_of(ctx.tokenizer), 0)
     assert not teacher.training and next(teacher.parameters()).grad is None
-    stage.finalize(ctx)
-    assert ctx.teacher is None and module.loss_hooks == [] and module.ce_weight == 1.0
+    # the run drops its teacher after this fine-tuning (test_chain checks the experiment does); the stage
+    # lets go of it: no new model, no hook, no module attribute that would keep it alive
+    assert stage.finalize(ctx) is None
+    assert module.loss_hooks == [] and module.ce_weight == 1.0
     assert not hasattr(module, "distillation") and not module.output_hidden_states
+    assert stage._hook is None and stage._module is None
     rep = stage.report(ctx)
     assert rep["student"] == {"init": "teacher_layers", "layers_kept": [0, 3], "layer_selection": "alternate",
                               "layers": 2, "hidden_size": 32}
@@ -170,7 +179,7 @@ def test_kd_loss_falls_on_a_toy_task(teacher_dir):
     with torch.no_grad():  # a confident teacher, and a student head that starts far from it
         ctx.model.classifier.weight.mul_(30.0)
     stage = TaskDistillation(num_layers=2, soft_weight=1.0, ce_weight=0.0, temperature=2.0)
-    stage.apply(ctx)
+    ctx.update(stage.apply(ctx))
     torch.nn.init.normal_(ctx.model.classifier.weight, std=1.0)
     module = SequenceClassifier(ctx.model, scheduler="constant")
     stage.configure_module(ctx, module)
@@ -188,7 +197,7 @@ def test_hidden_and_attention_losses_with_a_narrower_student(tmp_path, teacher_d
     assert ctx.model.config._attn_implementation == "sdpa"
     stage = TaskDistillation(student_model={"name": "small", "source": "local", "path": str(small)},
                              soft_weight=0.0, ce_weight=0.0, hidden_weight=1.0, attention_weight=1.0)
-    stage.apply(ctx)
+    ctx.update(stage.apply(ctx))
     assert ctx.model.config.hidden_size == 16 and ctx.model.config._attn_implementation == "eager"
     module = SequenceClassifier(ctx.model, scheduler="constant")
     stage.configure_module(ctx, module)
@@ -200,7 +209,7 @@ def test_hidden_and_attention_losses_with_a_narrower_student(tmp_path, teacher_d
     assert set(hook.last) == {"kd_hidden", "kd_attention"} and all(math.isfinite(v) for v in hook.last.values())
     assert losses[-1] < 0.7 * losses[0], losses
     assert hook.projections[0].weight.grad is not None
-    stage.finalize(ctx)
+    ctx.update(stage.finalize(ctx))
     assert ctx.model.config._attn_implementation == "sdpa"
     assert stage.report(ctx)["student"]["init"] == "model"
 
@@ -223,8 +232,8 @@ def test_misconfigurations_fail_clearly(tmp_path, teacher_dir):
         TaskDistillation(temperature=0)
     with pytest.raises(ConfigError, match="nothing would train"):
         TaskDistillation(soft_weight=0, ce_weight=0)
-    ctx = fake_ctx(teacher_dir, )
-    ctx.base_info = None  # the model is not the fine-tuned base (e.g. after another stage)
+    ctx = fake_ctx(teacher_dir)
+    ctx.base = None  # the model is not the fine-tuned base (e.g. after another stage)
     with pytest.raises(ConfigError, match="first"):
         TaskDistillation().apply(ctx)
     other = make_tiny_bert(tmp_path / "other", corpus=["completely different words here"] * 50)
@@ -250,4 +259,6 @@ def test_distill_end_to_end(compressor, layers, kept, teacher_dir, redditbias_ro
     assert rec["model"]["params"] < rec["base"]["figures"]["params"]
     assert rec["model"]["size_mb"] < rec["base"]["figures"]["size_mb"]
     assert [p["phase"] for p in rec["phases"]][-1] == "finetune_distill"
+    latency = stage["cpu_latency_ms_per_example"]  # measured by the run around every stage
+    assert latency["before"] > 0 and latency["after"] > 0
     assert 0.0 <= rec["metrics"]["test"]["test/acc_wg"] <= rec["metrics"]["test"]["test/acc_avg"] <= 1.0

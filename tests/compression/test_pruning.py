@@ -4,25 +4,24 @@ hits its sparsity and keeps the zeros through training."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from subgroup_robustness.compression.base import count_parameters, heads_per_layer
+from subgroup_robustness.compression.context import Compressed, SimpleContext
 from subgroup_robustness.compression.pruning import (
-    KEPT_HEADS_KEY,
     HeadPruning,
     MagnitudePruning,
     head_scores,
     linear_targets,
-    load_pruned,
-    prune_heads,
     select_heads,
     weight_sparsity,
 )
 from subgroup_robustness.models.base_cache import BaseCache
+from subgroup_robustness.models.figures import count_parameters
+from subgroup_robustness.models.structure import heads_per_layer
+from subgroup_robustness.models.surgery import KEPT_HEADS_KEY, load_pruned, prune_heads
 from subgroup_robustness.utils.errors import ConfigError, CorruptDataError
 
 LAYERS, HEADS, HIDDEN = 3, 4, 32
@@ -107,6 +106,12 @@ def test_impossible_or_invalid_sparsity_is_a_clear_error():
         select_heads(head_scores(m), 1.0)
     with pytest.raises(ConfigError, match="keep 1..4"):
         prune_heads(m, [[], [0], [0]])
+    # the compressors check their sparsity when the chain is built, before any model is loaded
+    for bad in (1.0, -0.1, "lots"):
+        with pytest.raises(ConfigError, match="sparsity"):
+            HeadPruning(sparsity=bad)
+        with pytest.raises(ConfigError, match="sparsity"):
+            MagnitudePruning(sparsity=bad)
 
 
 def test_pruned_model_is_smaller_and_trains():
@@ -182,9 +187,11 @@ def test_sparsity_zero_is_a_no_op():
     x = inputs()
     with torch.no_grad():
         ref = m(**x).logits
-    comp = HeadPruning(sparsity=0.0, latency_batches=0)
-    ctx = SimpleNamespace(model=m, datamodule=None)
-    comp.apply(ctx)
+    comp = HeadPruning(sparsity=0.0)
+    ctx = SimpleContext(model=m)
+    result = comp.apply(ctx)
+    assert isinstance(result, Compressed) and result.model is m and result.tokenizer is None
+    ctx.update(result)
     assert heads_per_layer(m) == [HEADS] * LAYERS
     assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
     with torch.no_grad():
@@ -195,9 +202,9 @@ def test_sparsity_zero_is_a_no_op():
 
 def test_head_pruning_compressor_reports_heads():
     m = tiny()
-    comp = HeadPruning(sparsity=0.5, latency_batches=0)
-    ctx = SimpleNamespace(model=m, datamodule=None)
-    comp.apply(ctx)
+    comp = HeadPruning(sparsity=0.5)
+    ctx = SimpleContext(model=m)
+    ctx.update(comp.apply(ctx))
     rep = comp.report(ctx)
     assert rep["heads_before"] == [4, 4, 4] and sum(rep["heads_kept"]) == 6
     assert rep["head_sparsity"] == 0.5 and rep["params_removed"] > 0
@@ -215,9 +222,9 @@ def test_magnitude_pruning_hits_target_and_removes_the_smallest(sparsity):
     m = tiny()
     targets = linear_targets(m)
     flat = torch.cat([mod.weight.detach().abs().flatten() for mod, _ in targets])
-    comp = MagnitudePruning(sparsity=sparsity, latency_batches=0)
-    ctx = SimpleNamespace(model=m, datamodule=None)
-    comp.apply(ctx)
+    comp = MagnitudePruning(sparsity=sparsity)
+    ctx = SimpleContext(model=m)
+    ctx.update(comp.apply(ctx))
     assert abs(weight_sparsity(targets) - sparsity) <= 0.01
     masks = torch.cat([mod.weight_mask.flatten() for mod, _ in targets])
     assert flat[masks == 0].max() <= flat[masks == 1].min()  # global: the smallest weights went, wherever they were
@@ -226,9 +233,10 @@ def test_magnitude_pruning_hits_target_and_removes_the_smallest(sparsity):
 
 def test_magnitude_pruning_keeps_zeros_through_training_then_bakes_them_in():
     m = tiny()
-    comp = MagnitudePruning(sparsity=0.5, latency_batches=0)
-    ctx = SimpleNamespace(model=m, datamodule=None)
-    comp.apply(ctx)
+    comp = MagnitudePruning(sparsity=0.5)
+    ctx = SimpleContext(model=m)
+    ctx.update(comp.apply(ctx))
+    assert ctx.model is m
     m.train()
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
@@ -238,7 +246,8 @@ def test_magnitude_pruning_keeps_zeros_through_training_then_bakes_them_in():
         opt.zero_grad()
     targets = linear_targets(m)
     assert abs(weight_sparsity(targets) - 0.5) <= 0.01
-    comp.finalize(ctx)
+    ctx.update(comp.finalize(ctx))  # the masks are baked in place: no new model to take
+    assert ctx.model is m
     assert not any(hasattr(mod, "weight_orig") for mod in m.modules())
     assert set(m.state_dict()) == set(tiny().state_dict())  # a plain model again: saves and loads as usual
     rep = comp.report(ctx)
@@ -247,8 +256,10 @@ def test_magnitude_pruning_keeps_zeros_through_training_then_bakes_them_in():
 
 def test_magnitude_pruning_encoder_scope_leaves_the_head_dense():
     m = tiny()
-    MagnitudePruning(sparsity=0.5, scope="encoder", latency_batches=0).apply(SimpleNamespace(model=m, datamodule=None))
+    MagnitudePruning(sparsity=0.5, scope="encoder").apply(SimpleContext(model=m))
     assert not hasattr(m.classifier, "weight_mask") and not hasattr(m.bert.pooler.dense, "weight_mask")
     assert abs(weight_sparsity(linear_targets(m, "encoder")) - 0.5) <= 0.01
     with pytest.raises(ConfigError, match="scope"):
         linear_targets(m, "everything")
+    with pytest.raises(ConfigError, match="scope"):
+        MagnitudePruning(sparsity=0.5, scope="everything")

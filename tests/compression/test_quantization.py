@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import copy
 import warnings
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from subgroup_robustness.compression.base import count_parameters, model_figures, state_dict_bytes
+from subgroup_robustness.compression.context import Compressed, SimpleContext
 from subgroup_robustness.compression.quantization import (
     DynamicInt8,
     QuantizationAwareTraining,
@@ -24,6 +23,7 @@ from subgroup_robustness.compression.quantization import (
     quantized_linears,
     static_int8,
 )
+from subgroup_robustness.models.figures import count_parameters, model_figures, state_dict_bytes
 from subgroup_robustness.utils.errors import ConfigError
 
 INT8 = ("torch.int8", "torch.qint8")
@@ -97,6 +97,8 @@ def test_bad_settings_are_clear_errors():
     with pytest.raises(ConfigError, match="calibration_batches"):
         StaticInt8(calibration_batches=0)
     with pytest.raises(ConfigError, match="observer"):
+        StaticInt8(observer="percentile")  # checked when the chain is built, before any calibration
+    with pytest.raises(ConfigError, match="observer"):
         calibrate(tiny(), [batch(4)], observer="percentile")
     with pytest.raises(ConfigError, match="no calibration batches"):
         calibrate(tiny(), [])
@@ -158,9 +160,11 @@ def test_qat_trains_with_fake_quantization_then_converts_to_int8():
 
 def test_compressors_declare_cpu_evaluation_and_report(tmp_path):
     m = tiny()
-    ctx = SimpleNamespace(model=m, datamodule=None)
-    comp = DynamicInt8(latency_batches=0)
-    comp.apply(ctx)
+    ctx = SimpleContext(model=m)
+    comp = DynamicInt8()
+    result = comp.apply(ctx)
+    assert isinstance(result, Compressed) and result.tokenizer is None and result.teacher is None
+    ctx.update(result)
     rep = comp.report(ctx)
     assert rep["int8_linear_layers"] == 14 and rep["fp32_linear_layers"] == []
     assert comp.quantizes and comp.eval_on_cpu and not comp.trains and comp.start_from == "finetuned"
@@ -168,3 +172,22 @@ def test_compressors_declare_cpu_evaluation_and_report(tmp_path):
     assert qat.stage == "during" and qat.start_from == "pretrained" and qat.trains and qat.eval_on_cpu
     figures = model_figures(ctx.model)
     assert figures["weight_dtypes"]["torch.int8"] == linear_weight_count(tiny())
+
+
+def test_cpu_latency_is_measured_outside_the_compressor():
+    """The latency a quantizer used to report itself is measured by the experiment before and after every
+    stage with ``models.figures.cpu_latency_ms`` (see test_chain's real pr40+dq run): on CPU, in eval mode,
+    leaving the model's mode as it was; a list of batches or a loader factory."""
+    from subgroup_robustness.models.figures import cpu_latency_ms
+
+    m = tiny().train()
+    batches = [batch(8, seed=s) for s in range(3)]
+    fp32 = cpu_latency_ms(m, batches, picks=2, repeats=1)
+    assert fp32 is not None and fp32 > 0 and m.training
+    q = dynamic_int8(copy.deepcopy(m))
+    int8 = cpu_latency_ms(q, lambda: iter(batches), picks=5, repeats=1)
+    assert int8 is not None and int8 > 0
+    assert cpu_latency_ms(m, batches, picks=0) is None and cpu_latency_ms(m, [], picks=2) is None
+    assert cpu_latency_ms(m, None, picks=2) is None
+    with pytest.raises(TypeError):
+        DynamicInt8(latency_batches=4)  # no compressor measures latency of its own any more

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
+from subgroup_robustness.compression.context import Compressed, SimpleContext
 from subgroup_robustness.compression.vocabulary import (
     VocabularyTransfer, build_tokenizer, fvt_rows, fvt_sources, masked_lm_for, target_vocab_size,
     train_in_domain_tokenizer, transfer_embeddings, wordpiece_split)
@@ -182,10 +183,17 @@ def vt_apply(cfg, dm, folder, out):
 
     pl.seed_everything(1, verbose=False)  # as the runner does before the stages
     model, tok = load(folder)
-    ctx = SimpleNamespace(cfg=cfg, datamodule=dm, output_dir=out, model=model, tokenizer=tok)
+    # only what a CompressionContext declares: the data module's read-only views, a work folder, the seed,
+    # the model spec and a trainer factory
+    ctx = SimpleContext(model=model, tokenizer=tok, data=dm, workdir=out, seed=int(cfg.seed),
+                        model_spec=OmegaConf.to_container(cfg.model, resolve=True),
+                        label_names=list(cfg.dataset.label_names))
     stage = instantiate(cfg.compressor.stages[0])
     encoder = {k: v.clone() for k, v in model.bert.encoder.state_dict().items()}
-    stage.apply(ctx)
+    result = stage.apply(ctx)
+    assert isinstance(result, Compressed) and result.model is model and result.teacher is None
+    assert result.tokenizer is not None and result.tokenizer is not tok and ctx.tokenizer is tok  # the run swaps it
+    ctx.update(result)
     return ctx, stage, encoder
 
 
@@ -216,6 +224,29 @@ def test_vt_apply_adapts_the_encoder_with_mlm_and_swaps_the_tokenizer(tiny_model
         assert torch.equal(v, w), k
 
 
+def test_mlm_adaptation_truncates_at_the_datasets_max_length(tiny_model_dir, redditbias_root, sr_env, monkeypatch):
+    """The masked-LM texts are cut where the classifier's are (``dataset.max_length``), not at a default."""
+    from subgroup_robustness.compression import vocabulary
+
+    cfg = compose(tiny_overrides(tiny_model_dir, redditbias_root, sr_env / "run", "compressor=vt50",
+                                 "dataset.max_length=40"))
+    dm = instantiate(cfg.data, _recursive_=False)
+    dm.load_table()
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(tokenizer, texts, batch_size, max_length, *args, **kwargs):
+        seen.append(max_length)
+        raise Stop
+
+    monkeypatch.setattr(vocabulary, "mlm_loader", spy)
+    with pytest.raises(Stop):
+        vt_apply(cfg, dm, tiny_model_dir, sr_env / "run")
+    assert seen == [40]
+
+
 def test_build_tokenizer_round_trips_the_base(tiny_model_dir):
     _, base = load(tiny_model_dir)
     same = build_tokenizer(base, base.get_vocab())
@@ -234,4 +265,6 @@ def test_vt50_end_to_end(tiny_model_dir, redditbias_root, sr_env):
     assert rec["model"]["layers"] == rec["base"]["figures"]["layers"]
     assert stage["mlm"]["head"] == "initialised" and stage["mlm"]["steps"] > 0
     assert (sr_env / "vt" / "tokenizer" / "tokenizer.json").exists()
+    latency = stage["cpu_latency_ms_per_example"]  # measured by the run around every stage
+    assert latency["before"] > 0 and latency["after"] > 0
     assert 0.0 <= rec["metrics"]["test"]["test/acc_wg"] <= rec["metrics"]["test"]["test/acc_avg"] <= 1.0

@@ -201,20 +201,25 @@ def tar_gz(dest: Path, members: dict[str, bytes]) -> Path:
 
 
 # ---- FairLex SCOTUS ---------------------------------------------------------------------------------
+# FairLex's own spelling, written out here as the release has it (the source spells them snake_case)
+FAIRLEX_ISSUE_AREAS = ("Criminal Procedure", "Civil Rights", "First Amendment", "Due Process", "Privacy", "Attorneys",
+                       "Unions", "Economic Activity", "Judicial Power", "Federalism", "Federal Taxation")
+FAIRLEX_ATTRIBUTES = {"decision_direction": ("conservative", "liberal"),
+                      "respondent_type": ("other", "person", "organization", "public entity", "facility")}
+
+
 def scotus_rows(n: int, seed: int, names: bool = False) -> list[dict]:
     """FairLex release records: text, label, attributes{decision_direction, respondent_type}; ids or names."""
-    from subgroup_robustness.data.sources.scotus import ATTRIBUTES, ISSUE_AREAS
-
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        label = i % len(ISSUE_AREAS)
+        label = i % len(FAIRLEX_ISSUE_AREAS)
         dd, rt = rng.randrange(2), rng.randrange(5)
         text = " ".join(rng.choices(WORDS, k=30)) + f" issue{label} " + " ".join(rng.choices(WORDS, k=10))
         if names:
-            rows.append({"text": text, "label": ISSUE_AREAS[label],
-                         "attributes": {"decision_direction": ATTRIBUTES["decision_direction"][dd],
-                                        "respondent_type": ATTRIBUTES["respondent_type"][rt]}})
+            rows.append({"text": text, "label": FAIRLEX_ISSUE_AREAS[label],
+                         "attributes": {"decision_direction": FAIRLEX_ATTRIBUTES["decision_direction"][dd],
+                                        "respondent_type": FAIRLEX_ATTRIBUTES["respondent_type"][rt]}})
         else:
             rows.append({"text": text, "label": label, "attributes": {"decision_direction": dd, "respondent_type": rt}})
     return rows

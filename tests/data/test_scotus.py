@@ -91,7 +91,7 @@ def test_parquet_without_an_engine_says_what_to_install(tmp_path):
 def test_attribute_is_a_config_choice():
     d = compose(["dataset=scotus"]).dataset
     assert (d.max_length, d.train.lr, d.train.weight_decay, d.train.batch_size, d.train.max_epochs) == (512, 1e-5, 0.0, 16, 20)
-    assert len(d.label_names) == len(scotus.ISSUE_AREAS) == 11
+    assert list(d.label_names) == list(scotus.LABELS) and len(d.label_names) == 11
     groups = build_groupings(d)["groups"].group_names
     assert len(groups) == 22 and groups[:2] == ["criminal_procedure:conservative", "criminal_procedure:liberal"]
     by_respondent = build_groupings(compose(["dataset=scotus", "dataset.attribute=respondent_type"]).dataset)["groups"]
@@ -126,7 +126,7 @@ def test_broken_files_are_named(tmp_path):
     parts = scotus_parts()
     folder = write_fairlex(tmp_path / "s", parts)
     (folder / "val.jsonl").write_bytes((folder / "val.jsonl").read_bytes()[:-20])
-    with pytest.raises(CorruptDataError, match=r"val.jsonl line 44"):
+    with pytest.raises(CorruptDataError, match=r"val.jsonl, line 44: not valid JSON"):
         scotus.load(tmp_path / "c", path=folder)
     parts["val"][0]["label"] = "Space Law"
     write_fairlex(folder, parts)

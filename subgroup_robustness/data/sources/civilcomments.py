@@ -14,26 +14,28 @@ checksum of it is published; the gzip CRC is verified, so a cut or garbled downl
 from __future__ import annotations
 
 import gzip
-import os
-import shutil
 import tarfile
-import tempfile
 import zlib
 from pathlib import Path
+from typing import Mapping
 
-import numpy as np
 import pandas as pd
 
-from subgroup_robustness.data.sources.common import SPLITS, download_archive
-from subgroup_robustness.data.sources.multinli import archive_advice
+from subgroup_robustness.data.sources.fetch import cached_fetch
+from subgroup_robustness.data.sources.files import REPLACE, corrupt, fix_for, read_csv
+from subgroup_robustness.data.sources.splits import SPLITS
 from subgroup_robustness.utils.errors import CorruptDataError, DataUnavailableError
-from subgroup_robustness.utils.io import file_lock
+from subgroup_robustness.utils.io import atomic_copy
 
 NAME = "civilcomments"
 CSV_NAME = "all_data_with_identities.csv"
 URL = "https://worksheets.codalab.org/rest/bundles/0x8cd3de0634154aeaad2ee6eb96723c6e/contents/blob/"
-IDENTITIES = ("male", "female", "LGBTQ", "christian", "muslim", "other_religions", "black", "white")
-SCORES = ("toxicity", *IDENTITIES, "identity_any")
+# the vocabulary (conf/dataset/civilcomments.yaml reads it through ${sr.vocab:civilcomments,...}); every
+# attribute is a column of the CSV of the same name
+LABELS = ("non_toxic", "toxic")
+IDENTITIES = ("male", "female", "LGBTQ", "christian", "muslim", "other_religions", "black", "white")  # WILDS' 8
+ATTRIBUTES = {"identity_any": ("no_identity", "identity"), **{i: ("no", "yes") for i in IDENTITIES}}
+SCORES = ("toxicity", *ATTRIBUTES)
 COLUMNS = ("comment_text", "split", *SCORES)
 
 HOW_TO_POINT = (
@@ -63,59 +65,29 @@ def verify_gzip(archive: Path) -> None:
         raise CorruptDataError(f"{NAME}: {archive} is corrupt or truncated ({exc}).") from None
 
 
-def extract_csv(archive: Path, dest: Path) -> Path:
-    verify_gzip(archive)
+def extract_csv(archive: Path, targets: Mapping[str, Path]) -> None:
+    """The bundle's CSV (wherever it sits in the tar) to its target, atomically."""
     try:
         with tarfile.open(archive, "r:gz") as tf:
             member = next((m for m in tf if m.isfile() and Path(m.name).name == CSV_NAME), None)
             if member is None:
                 raise CorruptDataError(f"{NAME}: {archive} holds no {CSV_NAME}; it is not the WILDS bundle.")
-            src = tf.extractfile(member)
-            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-                os.replace(tmp, dest)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            atomic_copy(tf.extractfile(member), targets[CSV_NAME])
     except tarfile.TarError as exc:
         raise CorruptDataError(f"{NAME}: {archive} is not a readable tar archive ({exc}).") from None
-    return dest
 
 
 def fetch(cache_dir: Path, url: str = URL) -> Path:
-    dest = cache_dir / CSV_NAME
-    if dest.exists():
-        return dest
-    archive = cache_dir / "archive.tar.gz"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with file_lock(cache_dir / ".civilcomments.lock"):
-        if dest.exists():
-            return dest
-        download_archive(url, archive, what=NAME, how_to_point=HOW_TO_POINT, place=CSV_NAME)
-        with archive_advice(archive, cached=True):
-            extract_csv(archive, dest)
-        archive.unlink()
-    return dest
+    folder = cached_fetch(url, cache_dir, [CSV_NAME], archive=cache_dir / "archive.tar.gz", what=NAME,
+                          how_to_point=HOW_TO_POINT, place=CSV_NAME, verify=verify_gzip, unpack=extract_csv)
+    return folder / CSV_NAME
 
 
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        fh.seek(-1, os.SEEK_END)
-        return fh.read(1) in (b"\n", b"\r")
-
-
-def read_table(path: Path) -> pd.DataFrame:
-    if path.stat().st_size == 0 or not _ends_with_newline(path):
-        raise CorruptDataError(f"{NAME}: {path} is empty or does not end with a line break: it is truncated. Replace it.")
-    try:
-        raw = pd.read_csv(
-            path, usecols=lambda c: c in COLUMNS, dtype={"comment_text": str, "split": str},
-            keep_default_na=False, na_values={c: [""] for c in SCORES},  # a comment reading "NA" stays text
-        )
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
-        raise CorruptDataError(f"{NAME}: cannot parse {path} ({exc}). Replace it with a fresh copy.") from None
+def read_table(path: Path, fix: str = REPLACE) -> pd.DataFrame:
+    raw = read_csv(
+        path, NAME, fix, complete=True, usecols=lambda c: c in COLUMNS, dtype={"comment_text": str, "split": str},
+        keep_default_na=False, na_values={c: [""] for c in SCORES},  # a comment reading "NA" stays text
+    )
     missing = [c for c in COLUMNS if c not in raw.columns]
     if missing:
         raise CorruptDataError(f"{NAME}: {path} has no column(s) {missing}; is it WILDS' {CSV_NAME}?")
@@ -132,13 +104,13 @@ def load(cache_dir: str | Path, path: str | Path | None = None, url: str = URL, 
         csv_path = find_csv(src)
     else:
         csv_path = fetch(cache_dir, url)
-    raw = read_table(csv_path)
+    raw = read_table(csv_path, fix_for(csv_path, cache_dir))
     scores = raw[list(SCORES)].apply(pd.to_numeric, errors="coerce")
     bad = scores["toxicity"].isna()
     if bad.any():
-        raise CorruptDataError(
-            f"{NAME}: {csv_path} row {int(np.flatnonzero(bad)[0]) + 2} has no numeric toxicity: the file is corrupt."
-        )
+        first = int(bad.to_numpy().argmax())
+        raise corrupt(NAME, csv_path, f"record {first + 1} has no numeric toxicity", text=str(raw["toxicity"].iloc[first]),
+                      fix=fix_for(csv_path, cache_dir))
     bad_split = ~raw["split"].isin(SPLITS)
     if bad_split.any():
         raise CorruptDataError(
@@ -146,7 +118,7 @@ def load(cache_dir: str | Path, path: str | Path | None = None, url: str = URL, 
             f"expected {list(SPLITS)}."
         )
     out = pd.DataFrame({"text": raw["comment_text"].fillna("").astype(str), "label": (scores["toxicity"] >= threshold)})
-    for col in ("identity_any", *IDENTITIES):
+    for col in ATTRIBUTES:
         out[col] = scores[col] >= threshold  # an unannotated (blank) identity counts as absent, as in WILDS
     out = out.astype({c: int for c in out.columns if c != "text"})
     out["split"] = raw["split"].to_numpy()

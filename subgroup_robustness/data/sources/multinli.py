@@ -19,30 +19,28 @@ test; a single file is split train/val/test here, seeded and stratified by group
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import hashlib
-import json
 import logging
-import os
-import shutil
 import string
-import tempfile
-import zipfile
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from subgroup_robustness.data.sources.common import download_archive, download_failure, download_url, stratified_split
+from subgroup_robustness.data.sources.fetch import cached_fetch, download_url, read_hub
+from subgroup_robustness.data.sources.files import (
+    REPLACE, corrupt, extract_once, fix_for, iter_jsonl, read_csv, verify_md5,
+)
+from subgroup_robustness.data.sources.splits import stratified_split
 from subgroup_robustness.utils.errors import ConfigError, CorruptDataError, DataUnavailableError
-from subgroup_robustness.utils.io import file_lock, stable_hash
 
 log = logging.getLogger(__name__)
 
 NAME = "multinli"
+# the vocabulary (conf/dataset/multinli*.yaml reads it through ${sr.vocab:multinli,...})
 LABELS = ("contradiction", "entailment", "neutral")  # group_DRO's ids
+ATTRIBUTES = {"has_negation": ("no_negation", "negation")}
 HUB_LABELS = ("entailment", "neutral", "contradiction")  # nyu-mll/multi_nli's ClassLabel order
 NEGATION_WORDS = frozenset({"nobody", "no", "never", "nothing"})  # Gururangan et al. 2018, via group_DRO
 PARTS = ("train", "dev_matched", "dev_mismatched")
@@ -72,92 +70,23 @@ def has_negation(sentence: object) -> bool:
     return not NEGATION_WORDS.isdisjoint(sentence.translate(_PUNCT).lower().split(" "))
 
 
-# ---- generic file helpers (also used by the scotus source) -------------------------------------------
-def iter_jsonl(path: Path, what: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each record; a truncated or garbled line is named with its number."""
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CorruptDataError(
-                    f"{what}: {path} line {i} is not valid JSON ({exc.msg}): the file is truncated or corrupt. "
-                    "Replace it with a fresh copy."
-                ) from None
-            if not isinstance(obj, dict):
-                raise CorruptDataError(f"{what}: {path} line {i} is not a JSON object")
-            yield i, obj
-
-
-def read_jsonl(path: Path, what: str) -> list[dict]:
-    return [obj for _, obj in iter_jsonl(path, what)]
-
-
-def read_fields(path: Path, fields: Sequence[str], what: str) -> list[list]:
+# ---- readers: each returns {part: DataFrame(premise, hypothesis, gold)} --------------------------------
+def read_fields(path: Path, fields: Sequence[str], what: str, fix: str = REPLACE) -> list[list]:
     """One list per field; only these fields are kept (official records carry large parse trees)."""
     cols: list[list] = [[] for _ in fields]
-    for i, obj in iter_jsonl(path, what):
+    for i, obj in iter_jsonl(path, what, fix):
         try:
             for col, f in zip(cols, fields):
                 col.append(obj[f])
         except KeyError:
             raise CorruptDataError(
-                f"{what}: {path} line {i} has no field(s) {[f for f in fields if f not in obj]}; found {sorted(obj)[:8]}"
+                f"{what}: {path}, line {i}: no field(s) {[f for f in fields if f not in obj]}; found {sorted(obj)[:8]}"
             ) from None
     return cols
 
 
-def extract_members(archive: Path, wanted: Mapping[str, Path], what: str) -> None:
-    """Copy zip members (matched by base name) to their targets atomically; a bad zip is named."""
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            by_name = {Path(n).name: n for n in zf.namelist() if not n.startswith("__MACOSX")}
-            missing = [name for name in wanted if name not in by_name]
-            if missing:
-                raise CorruptDataError(f"{what}: {archive} has no member(s) {missing}; it is not the expected archive.")
-            for name, dest in wanted.items():
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-                try:
-                    with os.fdopen(fd, "wb") as out, zf.open(by_name[name]) as src:
-                        shutil.copyfileobj(src, out, 1 << 20)  # zipfile checks each member's CRC at its end
-                    os.replace(tmp, dest)
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
-    except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as exc:
-        raise CorruptDataError(f"{what}: {archive} is corrupt or truncated ({exc}).") from None
-
-
-@contextlib.contextmanager
-def archive_advice(archive: Path, cached: bool) -> Iterator[None]:
-    """Finish an archive's CorruptDataError with what to do: a cached download is removed, a user's file replaced."""
-    try:
-        yield
-    except CorruptDataError as exc:
-        if cached:
-            archive.unlink(missing_ok=True)
-            raise CorruptDataError(f"{exc} It was removed; run again to download it afresh.") from None
-        raise CorruptDataError(f"{exc} Replace it with a fresh copy.") from None
-
-
-def md5_file(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ---- readers: each returns {part: DataFrame(premise, hypothesis, gold)} --------------------------------
 def _frame(premise, hypothesis, gold) -> pd.DataFrame:
     return pd.DataFrame({"premise": list(premise), "hypothesis": list(hypothesis), "gold": list(gold)})
-
-
-def _official_file(path: Path) -> pd.DataFrame:
-    return _frame(*read_fields(path, ("sentence1", "sentence2", "gold_label"), NAME))
 
 
 def _local_jsonl(path: Path) -> pd.DataFrame:
@@ -173,56 +102,44 @@ def _official_folder(path: Path) -> Path:
     return path
 
 
-def read_official(path: Path, parts: Sequence[str], cache_dir: Path) -> dict[str, pd.DataFrame]:
-    if path.suffix == ".zip":  # a user's multinli_1.0.zip: extract once into the cache (its folder may be read-only)
-        folder = cache_dir / f"extracted-{stable_hash(str(path.resolve()), 10)}"
-        todo = {OFFICIAL_FILES[p]: folder / OFFICIAL_FILES[p] for p in parts if not (folder / OFFICIAL_FILES[p]).exists()}
-        if todo:
-            with file_lock(cache_dir / ".multinli.lock"), archive_advice(path, cached=False):
-                extract_members(path, todo, NAME)
-        path = folder
-    folder = _official_folder(path)
+def _read_parts(folder: Path, names: Mapping[str, str], parts: Sequence[str], read, kind: str) -> dict[str, pd.DataFrame]:
     out = {}
     for part in parts:
-        f = folder / OFFICIAL_FILES[part]
+        f = folder / names[part]
         if not f.exists():
-            raise DataUnavailableError(f"{NAME}: missing {f}. {HOW_TO_POINT}")
-        out[part] = _official_file(f)
+            raise DataUnavailableError(f"{NAME}: missing {f}{kind}. {HOW_TO_POINT}")
+        out[part] = read(f)
     return out
+
+
+def read_official(path: Path, parts: Sequence[str], cache_dir: Path) -> dict[str, pd.DataFrame]:
+    if path.suffix == ".zip":  # a user's multinli_1.0.zip: extract once into the cache (its folder may be read-only)
+        path = extract_once(path, cache_dir, [OFFICIAL_FILES[p] for p in parts], NAME)
+
+    def read(f: Path) -> pd.DataFrame:
+        return _frame(*read_fields(f, ("sentence1", "sentence2", "gold_label"), NAME, fix_for(f, cache_dir)))
+
+    return _read_parts(_official_folder(path), OFFICIAL_FILES, parts, read, "")
 
 
 def read_glue(folder: Path, parts: Sequence[str]) -> dict[str, pd.DataFrame]:
-    out = {}
-    for part in parts:
-        f = folder / GLUE_FILES[part]
-        if not f.exists():
-            raise DataUnavailableError(f"{NAME}: missing {f} (GLUE MNLI). {HOW_TO_POINT}")
-        out[part] = read_glue_tsv(f)
-    return out
+    return _read_parts(folder, GLUE_FILES, parts, read_glue_tsv, " (GLUE MNLI)")
 
 
 def read_glue_tsv(path: Path) -> pd.DataFrame:
     """GLUE's TSVs hold unescaped quotes, so no quoting (as GLUE's own reader); short rows mean truncation."""
-    if path.stat().st_size and not _ends_with_newline(path):
-        raise CorruptDataError(f"{NAME}: {path} does not end with a line break: it is truncated. Replace it.")
-    try:
-        df = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False,
-                         usecols=lambda c: c in ("sentence1", "sentence2", "gold_label"), encoding="utf-8")
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
-        raise CorruptDataError(f"{NAME}: cannot parse {path} ({exc}). Replace it with a fresh copy.") from None
-    missing = [c for c in ("sentence1", "sentence2", "gold_label") if c not in df.columns]
+    columns = ("sentence1", "sentence2", "gold_label")
+    complete = path.stat().st_size > 0  # an empty file is reported by the parser
+    df = read_csv(path, NAME, complete=complete, sep="\t", quoting=csv.QUOTE_NONE, dtype=str,
+                  keep_default_na=False, usecols=lambda c: c in columns, encoding="utf-8")
+    missing = [c for c in columns if c not in df.columns]
     if missing:
         raise CorruptDataError(f"{NAME}: {path} has no column(s) {missing}; is it GLUE's MNLI TSV?")
     short = df["gold_label"].isna()
     if short.any():
-        raise CorruptDataError(f"{NAME}: {path} row {int(np.flatnonzero(short)[0]) + 2} is short of fields: truncated or corrupt.")
+        line = int(np.flatnonzero(short)[0]) + 2  # unquoted: one row per line, after the header
+        raise corrupt(NAME, path, "the row is short of fields", line=line)
     return _frame(df["sentence1"], df["sentence2"], df["gold_label"])
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        fh.seek(-1, os.SEEK_END)
-        return fh.read(1) in (b"\n", b"\r")
 
 
 def hub_frame(rows: pd.DataFrame, names: Sequence[str] = HUB_LABELS) -> pd.DataFrame:
@@ -232,22 +149,9 @@ def hub_frame(rows: pd.DataFrame, names: Sequence[str] = HUB_LABELS) -> pd.DataF
     return _frame(rows["premise"], rows["hypothesis"], gold)
 
 
-def read_hub(hub_id: str, parts: Sequence[str]) -> dict[str, pd.DataFrame]:
-    try:
-        import datasets  # optional: pip install datasets
-    except ImportError:
-        raise DataUnavailableError(
-            f"{NAME}: dataset.source.format=hub needs the `datasets` library, which is not installed. "
-            "Run `pip install datasets` (or `pip install -e '.[hub]'`), or use dataset.source.format=official "
-            f"(downloads multinli_1.0.zip, no extra dependency). {HOW_TO_POINT}"
-        ) from None
-    try:
-        ds = datasets.load_dataset(hub_id)
-    except Exception as exc:  # noqa: BLE001 - offline, missing repo, auth: all mean "not reachable"
-        raise DataUnavailableError(
-            f"{NAME}: could not load {hub_id!r} from the Hugging Face hub ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}). {HOW_TO_POINT}"
-        ) from None
+def read_from_hub(hub_id: str, parts: Sequence[str]) -> dict[str, pd.DataFrame]:
+    ds = read_hub(hub_id, None, [HUB_SPLITS[p] for p in parts], what=NAME, how_to_point=HOW_TO_POINT,
+                  instead="dataset.source.format=official (downloads multinli_1.0.zip, no extra dependency)")
     out = {}
     for part in parts:
         split = ds[HUB_SPLITS[part]]
@@ -259,34 +163,18 @@ def read_hub(hub_id: str, parts: Sequence[str]) -> dict[str, pd.DataFrame]:
 # ---- downloads -----------------------------------------------------------------------------------------
 def fetch_official(cache_dir: Path, url: str = OFFICIAL_URL, md5: str | None = OFFICIAL_MD5) -> Path:
     """The extracted official jsonl files in the cache, downloading the zip (227 MB) the first time."""
-    folder = cache_dir / "multinli_1.0"
-    if all((folder / f).exists() for f in OFFICIAL_FILES.values()):
-        return folder
-    archive = cache_dir / "multinli_1.0.zip"
-    with file_lock(cache_dir / ".multinli.lock"):
-        if all((folder / f).exists() for f in OFFICIAL_FILES.values()):
-            return folder
-        download_archive(url, archive, what=NAME, how_to_point=HOW_TO_POINT, place="multinli_1.0.zip")
-        with archive_advice(archive, cached=True):
-            actual = md5_file(archive) if md5 else None
-            if actual != md5:
-                raise CorruptDataError(f"{NAME}: {archive} is corrupt or truncated (md5 {actual}, expected {md5}).")
-            extract_members(archive, {f: folder / f for f in OFFICIAL_FILES.values()}, NAME)
-        archive.unlink()
-    return folder
+    return cached_fetch(url, cache_dir / "multinli_1.0", list(OFFICIAL_FILES.values()),
+                        archive=cache_dir / "multinli_1.0.zip", what=NAME, how_to_point=HOW_TO_POINT,
+                        verify=lambda archive: verify_md5(archive, md5, NAME))
 
 
 def fetch_metadata(cache_dir: Path, url: str = METADATA_URL) -> Path:
     dest = cache_dir / "metadata_random.csv"
     if dest.exists():
         return dest
-    try:
-        return download_url(url, dest, what=f"{NAME} metadata")
-    except DataUnavailableError as exc:
-        raise DataUnavailableError(
-            f"{NAME}: could not fetch group_DRO's metadata_random.csv ({download_failure(exc, NAME + ' metadata')}). "
-            f"Download it from {url} and set dataset.source.metadata_csv to its path."
-        ) from None
+    return download_url(url, dest, what=f"{NAME} metadata",
+                        advice=f"Download group_DRO's metadata_random.csv from {url} yourself and set "
+                               "dataset.source.metadata_csv to its path.")
 
 
 # ---- assembly ------------------------------------------------------------------------------------------
@@ -325,12 +213,12 @@ def _strata(df: pd.DataFrame) -> pd.Series:
     return df["label"].astype(str) + ":" + df["has_negation"].astype(str)
 
 
-def apply_metadata(df: pd.DataFrame, metadata: Path) -> pd.DataFrame:
+def apply_metadata(df: pd.DataFrame, metadata: Path, fix: str = REPLACE) -> pd.DataFrame:
     """group_DRO's split, aligned row by row with train + dev_matched + dev_mismatched minus the '-' rows."""
     try:
-        meta = pd.read_csv(metadata, index_col=0)
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
-        raise CorruptDataError(f"{NAME}: cannot read {metadata} ({exc})") from None
+        meta = read_csv(metadata, NAME, fix, index_col=0)
+    except OSError as exc:
+        raise DataUnavailableError(f"{NAME}: cannot read {metadata} ({exc}); check dataset.source.metadata_csv.") from None
     need = ["gold_label", "sentence2_has_negation", "split"]
     if any(c not in meta.columns for c in need):
         raise CorruptDataError(f"{NAME}: {metadata} needs columns {need} (group_DRO's metadata_random.csv); found {list(meta.columns)}")
@@ -423,15 +311,15 @@ def load(
     elif fmt == "glue":
         raw = read_glue(src, parts)
     else:
-        raw = read_hub(hub_id, parts)
+        raw = read_from_hub(hub_id, parts)
     frames = {p: _normalize(raw[p], f"{fmt} {p}") for p in parts}
 
     if metadata_csv:
         meta = fetch_metadata(cache_dir, metadata_url) if str(metadata_csv) == "download" else Path(metadata_csv).expanduser()
-        if not meta.exists():
+        if not meta.is_file():
             raise DataUnavailableError(f"{NAME}: dataset.source.metadata_csv={metadata_csv} does not exist "
                                        f"(group_DRO's file is at {METADATA_URL}; `download` fetches it).")
-        df = apply_metadata(pd.concat([frames[p] for p in PARTS], ignore_index=True), meta)
+        df = apply_metadata(pd.concat([frames[p] for p in PARTS], ignore_index=True), meta, fix_for(meta, cache_dir))
         return _select_labels(df, labels)
 
     train = _select_labels(frames["train"], labels)

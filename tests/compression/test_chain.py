@@ -1,4 +1,5 @@
-"""Compressor chains: order validation, expansion of compressor.chain, and the per-stage report.
+"""Compressor chains: order validation, expansion of compressor.chain, the fine-tuning schedule that
+``experiment.execute`` follows, and the per-stage report.
 
 The chain logic is tested with the small compressors below (their flags are all that validation reads),
 so these tests do not depend on the real pruning/quantization/distillation code; the last test runs the
@@ -16,17 +17,28 @@ from omegaconf import OmegaConf
 
 from subgroup_robustness.compression.base import Compressor
 from subgroup_robustness.compression.chain import expand_chain, fit_schedule, validate_chain
+from subgroup_robustness.compression.context import Compressed
 from subgroup_robustness.utils.errors import ConfigError
 from tests.helpers import CONF, REPO, compose, run_cli, run_in_process, tiny_overrides
 
 
 # ---- test-local compressors ----------------------------------------------------------------------------
 class Vocab(Compressor):
+    """Returns a new tokenizer, as VocabularyTransfer does: the run must re-tokenise its data."""
+
     name, stage, start_from, trains = "vocab", "before", "pretrained", True
+
+    def apply(self, ctx):
+        return Compressed(ctx.model, tokenizer=types.SimpleNamespace(made_by="vocab"))
 
 
 class Distill(Compressor):
-    name, stage, start_from, trains = "distill", "during", "finetuned", True  # as TaskDistillation
+    """Returns a teacher, as TaskDistillation does: the run holds it for the next fine-tuning only."""
+
+    name, stage, start_from, trains = "distill", "during", "finetuned", True
+
+    def apply(self, ctx):
+        return Compressed(ctx.model, teacher=types.SimpleNamespace(teacher_of="distill"))
 
 
 class QAT(Compressor):
@@ -49,6 +61,7 @@ class Prune(Compressor):
             keep = torch.arange(n - int(n * self.fraction))
             layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, keep, dim=0)
             layer.output.dense = prune_linear_layer(layer.output.dense, keep, dim=1)
+        return Compressed(ctx.model)
 
     def report(self, ctx):
         return {"ffn": ctx.model.bert.encoder.layer[0].intermediate.dense.out_features}
@@ -63,6 +76,7 @@ class Shrink(Compressor):
     def apply(self, ctx):
         ctx.model.bert.encoder.layer = ctx.model.bert.encoder.layer[:-1]
         ctx.model.config.num_hidden_layers -= 1
+        return Compressed(ctx.model)
 
 
 class Tweak(Compressor):
@@ -125,49 +139,81 @@ def test_messages_use_the_config_names():
         validate_chain(chain("shrink", "vocab"), names=["dq", "vt50"])
 
 
-class _FakeCtx:
-    """Just enough of RunContext for experiment._execute: records when it fine-tunes."""
+def _fake_run():
+    """The real RunContext with its training and measuring replaced: records each fine-tuning, the teacher
+    it saw and the tokenizers the data module was given, so ``experiment.execute`` runs as in a run."""
+    from omegaconf import OmegaConf
+    from transformers import BertConfig, BertForSequenceClassification
 
-    def __init__(self):
-        from transformers import BertConfig, BertForSequenceClassification
+    from subgroup_robustness.experiment import RunContext
 
-        self.model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
-                                                              num_attention_heads=2, intermediate_size=32))
-        self.tokenizer = object()
-        self.datamodule = types.SimpleNamespace(tokenizer=self.tokenizer)
-        self.fits: list[str] = []
+    class FakeRun(RunContext):
+        def new_module(self):
+            return types.SimpleNamespace(model=self.model)
 
-    def new_module(self):
-        return object()
+        def fit(self, module, phase, *args, **kwargs):
+            assert module.model is self.model
+            self.fits.append(phase)
+            self.teachers.append(getattr(self.teacher, "teacher_of", self.teacher))
 
-    def fit(self, module, phase):
-        self.fits.append(phase)
+        def latency(self):
+            return 1.5
+
+    data = types.SimpleNamespace(tokenizers=[])
+    data.set_tokenizer = data.tokenizers.append
+    run = FakeRun(cfg=OmegaConf.create({"seed": 0}), data=data, workdir=Path("."))
+    run.model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                                         num_attention_heads=2, intermediate_size=32))
+    run.tokenizer, run.base = object(), {"key": "k"}
+    run.fits, run.teachers = [], []
+    return run
 
 
-@pytest.mark.parametrize("names, fits", [
-    (("vocab", "distill", "prune", "shrink"), ["finetune_vocab+distill", "finetune_prune"]),
-    (("vocab", "qat"), ["finetune_vocab+qat"]),
-    (("prune", "tweak"), ["finetune_prune"]),
-    (("vocab", "vocab"), ["finetune_vocab", "finetune_vocab"]),
-    (("distill", "qat", "prune"), ["finetune_distill+qat", "finetune_prune"]),
+@pytest.mark.parametrize("names, fits, teachers", [
+    (("vocab", "distill", "prune", "shrink"), ["finetune_vocab+distill", "finetune_prune"], ["distill", None]),
+    (("vocab", "qat"), ["finetune_vocab+qat"], [None]),
+    (("prune", "tweak"), ["finetune_prune"], [None]),
+    (("vocab", "vocab"), ["finetune_vocab", "finetune_vocab"], [None, None]),
+    (("distill", "qat", "prune"), ["finetune_distill+qat", "finetune_prune"], ["distill", None]),
 ])
-def test_fit_schedule_is_what_the_experiment_does(names, fits):
-    from subgroup_robustness.experiment import _execute
+def test_fit_schedule_is_what_the_experiment_does(names, fits, teachers):
+    from subgroup_robustness.experiment import execute
 
     stages = chain(*names)
-    ctx = _FakeCtx()
-    _, reports = _execute(ctx, stages)
+    ctx = _fake_run()
+    module, reports = execute(ctx, stages)
     assert ctx.fits == fits
     assert sum(fit_schedule(stages)) == len(fits) and fit_schedule(stages)[-1] == stages[-1].trains
     assert [r["name"] for r in reports] == list(names)
+    # the teacher lives for the fine-tuning right after the stage that returned it, and no longer
+    assert ctx.teachers == teachers and ctx.teacher is None
+    # a new tokenizer is taken and the data re-tokenised with it, once per stage that returned one
+    assert len(ctx.data.tokenizers) == names.count("vocab")
+    if "vocab" in names:
+        assert ctx.tokenizer is ctx.data.tokenizers[-1] and ctx.tokenizer.made_by == "vocab"
+    # every stage is measured before and after by the run, whatever the compressor
+    assert all(r["cpu_latency_ms_per_example"] == {"before": 1.5, "after": 1.5} for r in reports)
+    assert all(r["figures"]["params"] > 0 for r in reports)
+    assert module is None or module.model is ctx.model  # the last module fine-tuned, if the model is still its
+
+
+def test_without_stages_the_run_fine_tunes_unless_it_is_the_cached_base():
+    from subgroup_robustness.experiment import execute
+
+    ctx = _fake_run()
+    module, reports = execute(ctx, [])
+    assert reports == [] and ctx.fits == [] and module.model is ctx.model  # the cached base: nothing to do
+    ctx.base = None  # cache_base=false
+    execute(ctx, [])
+    assert ctx.fits == ["finetune"]
 
 
 # ---- expansion ------------------------------------------------------------------------------------------
 FAKE_CONFIGS = {
     # ${compressor.fraction} must resolve against the member, ${seed} against the run
     "fake_prune": "name: fake_prune\nfamily: pruning\nfraction: 0.5\nstages:\n"
-                  "  - {_target_: tests.test_chain.Prune, fraction: '${compressor.fraction}', seed: '${seed}'}\n",
-    "fake_quant": "name: fake_quant\nfamily: quantization\nstages:\n  - {_target_: tests.test_chain.Shrink}\n",
+                  "  - {_target_: tests.compression.test_chain.Prune, fraction: '${compressor.fraction}', seed: '${seed}'}\n",
+    "fake_quant": "name: fake_quant\nfamily: quantization\nstages:\n  - {_target_: tests.compression.test_chain.Shrink}\n",
     "fake_pair": "defaults:\n  - chain\n  - _self_\nname: fake_pair\nchain: [fake_prune, fake_quant]\n",
     "fake_loop": "defaults:\n  - chain\n  - _self_\nchain: [fake_prune, fake_loop]\n",
 }
@@ -197,8 +243,8 @@ def test_expand_concatenates_member_stages(fake_conf):
     assert c.name == "fake_prune+fake_quant" and c.family == "pruning+quantization"
     assert list(c.members) == ["fake_prune", "fake_quant"]
     assert OmegaConf.to_container(c.stages) == [
-        {"_target_": "tests.test_chain.Prune", "fraction": 0.5, "seed": 7},
-        {"_target_": "tests.test_chain.Shrink"},
+        {"_target_": "tests.compression.test_chain.Prune", "fraction": 0.5, "seed": 7},
+        {"_target_": "tests.compression.test_chain.Shrink"},
     ]
     once = OmegaConf.to_container(c)
     assert OmegaConf.to_container(expand_chain(cfg).compressor) == once  # expanding twice changes nothing
@@ -254,11 +300,28 @@ def test_chain_run_reports_every_stage(tiny_model_dir, redditbias_root, sr_env, 
 
 
 def test_invalid_chain_fails_before_any_training(tiny_model_dir, redditbias_root, sr_env, fake_conf):
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from subgroup_robustness.run import task
+
     out = sr_env / "bad"
-    with pytest.raises(ConfigError, match="'fake_prune' comes after the quantization 'fake_quant'"):
-        run_in_process(tiny_overrides(tiny_model_dir, redditbias_root, out, f"hydra.searchpath=['file://{fake_conf}']",
-                                      "compressor=chain", "compressor.chain=[fake_quant,fake_prune]"))
+    overrides = tiny_overrides(tiny_model_dir, redditbias_root, out, f"hydra.searchpath=['file://{fake_conf}']",
+                               "compressor=chain", "compressor.chain=[fake_quant,fake_prune]")
+    why = "'fake_prune' comes after the quantization 'fake_quant'"
+    with pytest.raises(ConfigError, match=why):
+        run_in_process(overrides)  # the config check, before the run starts
+    # through the entry point, the refused job still leaves a results.json saying why
+    cfg = compose(overrides)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = cfg.hydra.run.dir
+        del cfg["hydra"]
+    with pytest.raises(SystemExit) as exit_:
+        task(cfg)
+    assert exit_.value.code == 2
     saved = json.loads((out / "results.json").read_text())
+    assert why in saved["error"]["message"]
     assert saved["status"] == "failed" and saved["error"]["type"] == "ConfigError"
     assert not (sr_env / "cache" / "bases").exists()  # no base was fine-tuned
     assert not saved.get("phases")
@@ -310,3 +373,8 @@ def test_real_pr40_dq_chain(tiny_model_dir, redditbias_root, sr_env):
     assert any("int8" in k for k in quant["weight_dtypes"])
     assert rec["model"]["eval_device"] == "cpu"
     assert Path(out / "results.json").exists()
+    for st in stages:  # CPU latency is measured by the run around every stage (dq used to report its own)
+        latency = st["cpu_latency_ms_per_example"]
+        assert latency["before"] > 0 and latency["after"] > 0, (st["name"], latency)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["compression"]["stages"][1]["cpu_latency_ms_per_example"] == stages[1]["cpu_latency_ms_per_example"]

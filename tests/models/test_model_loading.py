@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from subgroup_robustness.compression.pruning import head_scores, prune_heads, select_heads
+from subgroup_robustness.compression.pruning import head_scores, select_heads
 from subgroup_robustness.models.loading import load_model
+from subgroup_robustness.models.surgery import prune_heads
 from subgroup_robustness.utils.errors import ModelUnavailableError
 from tests.helpers import make_tiny_bert
 

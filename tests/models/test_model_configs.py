@@ -17,7 +17,7 @@ import torch
 
 from subgroup_robustness.models.loading import load_model
 from subgroup_robustness.utils.errors import ModelUnavailableError
-from tests.helpers import compose, run_in_process
+from tests.helpers import CONF, compose, run_in_process
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -204,7 +204,7 @@ def test_no_network_without_hf_hub_offline_still_fails_fast(tmp_path):
     error within seconds, not huggingface_hub's retries."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_ENDPOINT="http://192.0.2.1", HF_HOME=str(tmp_path / "hf"), PYTHONUNBUFFERED="1")
-    cfg = Path(__file__).resolve().parents[1] / "conf" / "model" / "bert_base.yaml"
+    cfg = CONF / "model" / "bert_base.yaml"
     proc = subprocess.run([sys.executable, "-c", NO_NETWORK, str(cfg)], env=env, capture_output=True, text=True,
                           timeout=300)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
