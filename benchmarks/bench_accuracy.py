@@ -23,7 +23,7 @@ def train_and_test(ctx, base, precision: str, epochs: int) -> dict:
     module = instantiate(ctx.cfg.module)(model=ctx.model, objective=instantiate(ctx.cfg.objective))
     t = time.perf_counter()
     trainer = ctx.trainer(training=True, max_epochs=epochs, min_epochs=epochs)
-    trainer.fit(module, datamodule=ctx.datamodule)
+    trainer.fit(module, datamodule=ctx.data)
     fit_s = time.perf_counter() - t
     evals = ctx.evaluate(module, f"eval_{precision}")
     test = evals["metrics"]["test"]

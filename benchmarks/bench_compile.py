@@ -27,7 +27,7 @@ def run(quick: bool = False) -> dict:
     cfg = compose(overrides)
     ctx = framework(cfg)
     base = copy.deepcopy(ctx.model)
-    steps_per_epoch = len(ctx.datamodule.train_dataloader())
+    steps_per_epoch = len(ctx.data.train_dataloader())
     rows = []
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache

@@ -63,7 +63,7 @@ def torchao_int8(model):
 def finetune_briefly(ctx, steps: int):
     model = copy.deepcopy(ctx.model)
     clock = StepClock(steps, 0, 1)
-    plain_train(model, cycle(ctx.datamodule.train_dataloader), clock, precision=str(ctx.cfg.trainer.precision),
+    plain_train(model, cycle(ctx.data.train_dataloader), clock, precision=str(ctx.cfg.trainer.precision),
                 lr=float(ctx.cfg.module.lr))
     return model
 
@@ -83,7 +83,7 @@ def run(quick: bool = False, weights: str | None = None, compile: str | None = N
         model = finetune_briefly(ctx, steps)
         notes.append(f"model: pretrained MiniLM-L6 fine-tuned here for {steps} steps (no --set weights=DIR given)")
     model.eval()
-    test = list(ctx.datamodule.test_dataloader())
+    test = list(ctx.data.test_dataloader())
     if quick:
         test = test[:3]
     timing = test[: 3 if quick else 12]
@@ -126,7 +126,7 @@ def run(quick: bool = False, weights: str | None = None, compile: str | None = N
     for precision in ("32-true", str(cfg.trainer.precision)):
         trainer = ctx.trainer(training=False, precision=precision, limit_test_batches=len(test))
         t = time.perf_counter()
-        trainer.test(module, datamodule=ctx.datamodule, verbose=False)
+        trainer.test(module, datamodule=ctx.data, verbose=False)
         secs = time.perf_counter() - t
         n = sum(len(b["labels"]) for b in test)
         rows.append({"variant": f"framework trainer.test ({precision}), incl. set-up", "examples/s": n / secs,

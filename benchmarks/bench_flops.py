@@ -20,7 +20,7 @@ def run(quick: bool = False) -> dict:
     for dtype, precision in (("fp32", "32-true"), ("bf16", "bf16-mixed")):
         clock = StepClock(warmup, windows, window)
         model = copy.deepcopy(ctx.model)
-        plain_train(model, cycle(ctx.datamodule.train_dataloader), clock, precision=precision, lr=float(cfg.module.lr))
+        plain_train(model, cycle(ctx.data.train_dataloader), clock, precision=precision, lr=float(cfg.module.lr))
         stats = clock.window_stats()
         rates = []
         for s in stats:

@@ -30,7 +30,7 @@ def child(index: int, seed: int, warmup: int, steps: int) -> None:
 
     cfg = compose(["callbacks.early_stopping=null"])
     ctx = framework(cfg)
-    ctx.datamodule.seed = seed
+    ctx.data.seed = seed
     clock = StepClock(warmup, 1, steps)
     bt.CONTENDERS[NAMES[index]](ctx, copy.deepcopy(ctx.model), clock)
     print("STEPS " + json.dumps(clock.step_seconds()), flush=True)

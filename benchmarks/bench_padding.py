@@ -91,7 +91,7 @@ def run(quick: bool = False) -> dict:
     ctx = framework(cfg)
     tok = ctx.tokenizer
     max_length = int(cfg.dataset.max_length)
-    corpora = {"RedditBias train": (ctx.datamodule.splits["train"], ctx.model)}
+    corpora = {"RedditBias train": (ctx.data.splits["train"], ctx.model)}
     notes = []
     if MULTINLI.exists():
         from subgroup_robustness.models.loading import load_model

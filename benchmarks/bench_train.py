@@ -32,13 +32,13 @@ def run_framework(ctx, base, clock: StepClock, trainer_overrides: dict | None = 
     module = instantiate(ctx.cfg.module, **module_overrides)(model=ctx.model, objective=instantiate(ctx.cfg.objective))
     trainer = ctx.trainer(training=True, max_steps=clock.steps, **(trainer_overrides or {}))
     trainer.callbacks.append(lightning_clock(clock))
-    trainer.fit(module, datamodule=ctx.datamodule)
+    trainer.fit(module, datamodule=ctx.data)
 
 
 def run_plain(ctx, base, clock: StepClock) -> dict:
     model = copy.deepcopy(base)
     cfg = ctx.cfg
-    return plain_train(model, iter(ctx.datamodule.train_dataloader()), clock, precision=str(cfg.trainer.precision),
+    return plain_train(model, iter(ctx.data.train_dataloader()), clock, precision=str(cfg.trainer.precision),
                        lr=float(cfg.module.lr), weight_decay=float(cfg.module.weight_decay),
                        clip=cfg.trainer.get("gradient_clip_val"), fused=bool(cfg.module.fused_adamw))
 
@@ -78,10 +78,10 @@ def run_hf(ctx, base, clock: StepClock, tuned: bool = False) -> None:
             output_dir=out, per_device_train_batch_size=int(cfg.data.batch_size), learning_rate=float(cfg.module.lr),
             weight_decay=float(cfg.module.weight_decay), max_steps=clock.steps, lr_scheduler_type="linear",
             max_grad_norm=float(cfg.trainer.gradient_clip_val or 0.0), logging_strategy="no", save_strategy="no",
-            report_to="none", use_cpu=not _cuda(), disable_tqdm=True, seed=int(ctx.datamodule.seed), dataloader_num_workers=0,
+            report_to="none", use_cpu=not _cuda(), disable_tqdm=True, seed=int(ctx.data.seed), dataloader_num_workers=0,
             bf16=tuned, **(_length_grouping(TrainingArguments) if tuned else {}),
         )
-        trainer = Trainer(model=copy.deepcopy(base), args=args, train_dataset=TokenizedItems(ctx.datamodule.splits["train"]),
+        trainer = Trainer(model=copy.deepcopy(base), args=args, train_dataset=TokenizedItems(ctx.data.splits["train"]),
                           data_collator=collator, callbacks=[Clock()])
         trainer.train()
 
@@ -142,7 +142,7 @@ def run(quick: bool = False, rounds: str | None = None, overrides: str = "", onl
         for name in names:
             CONTENDERS[name](ctx, base, StepClock(2, 1, 2))
     for r in range(rounds_n):
-        ctx.datamodule.seed = seed + r  # each round times other batches; within a round all see the same data
+        ctx.data.seed = seed + r  # each round times other batches; within a round all see the same data
         # every other round runs the contenders in reverse order: whatever the previous contender leaves
         # behind (allocator state, caches) then favours each side equally often
         for name in (names if r % 2 == 0 else names[::-1]):

@@ -36,46 +36,39 @@ from subgroup_robustness.utils.env import quiet_third_party  # noqa: E402
 quiet_third_party()
 
 
-# ---- the framework, composed exactly as a run composes it ----------------------------------------
+# ---- the framework, composed and prepared exactly as a run does it ------------------------------
+def _packaged_configs() -> None:
+    """The configs ship as ``subgroup_robustness.conf`` once the package is installed; in a bare checkout on
+    PYTHONPATH (the GPU machine of gpu_check.sh) that module is the repository's ``conf/`` folder."""
+    import importlib.util
+
+    import subgroup_robustness
+
+    if importlib.util.find_spec("subgroup_robustness.conf") is None and (CONF / "__init__.py").exists():
+        subgroup_robustness.__path__.append(str(REPO))  # subgroup_robustness.conf -> REPO/conf
+
+
 def compose(overrides: Sequence[str] = (), out_dir: str | Path | None = None):
-    """The resolved run config (``python -m subgroup_robustness <overrides>``) without starting a run."""
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf, open_dict
+    """The resolved run config (``python -m subgroup_robustness <overrides>``) without starting a run:
+    ``utils.compose.compose`` on the packaged configs, with a fresh temporary output folder by default."""
+    from subgroup_robustness.utils.compose import compose as compose_run
 
-    from subgroup_robustness.utils.resolvers import register
-
-    register()
+    _packaged_configs()
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="sr-bench-"))
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hcompose(config_name="config", overrides=[*overrides, f"hydra.run.dir={out_dir}"],
-                       return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-        del cfg["hydra"]
-    OmegaConf.resolve(cfg)
-    return cfg
+    return compose_run(overrides, out_dir=out_dir, resolve=True, fresh=True)
 
 
 def framework(cfg):
-    """A RunContext with the table loaded, the pretrained model and the tokenized splits ready."""
-    from hydra.utils import instantiate
+    """The run's own ``experiment.prepare`` on the pretrained model (never the cached fine-tuned base:
+    ``cache_base=false`` and no stages), then the tokenized splits built: a RunContext ready to train."""
+    from omegaconf import open_dict
 
-    from subgroup_robustness.experiment import RunContext, instantiate_loggers
-    from subgroup_robustness.utils.perf import configure_process
+    from subgroup_robustness.experiment import prepare
 
-    configure_process()  # as experiment.run does
-    dm = instantiate(cfg.data, _recursive_=False)
-    ctx = RunContext(cfg=cfg, datamodule=dm, output_dir=Path(cfg.paths.output_dir))
-    ctx.loggers = list(instantiate_loggers(cfg.get("logger")))
-    dm.load_table()
-    ctx.model, ctx.tokenizer = ctx.pretrained()
-    dm.set_tokenizer(ctx.tokenizer)
-    dm.setup()
+    with open_dict(cfg):
+        cfg.cache_base = False
+    ctx = prepare(cfg, stages=[])
+    ctx.data.setup()
     return ctx
 
 

@@ -99,17 +99,17 @@ def check(bundle: Path, dry_run: bool = False) -> dict:
             traceback.print_exc()
 
     def framework_run(name, clock, batch=None, **module_overrides):
-        ctx.datamodule.batch_size = batch or int(cfg.data.batch_size)
+        ctx.data.batch_size = batch or int(cfg.data.batch_size)
         t = time.perf_counter()
         clock.marks.add(1)
         run_framework(ctx, base, clock, trainer_overrides=no_val, **module_overrides)
         record(name, clock, base, {"first step s": clock.times[1] - t})
-        ctx.datamodule.batch_size = int(cfg.data.batch_size)
+        ctx.data.batch_size = int(cfg.data.batch_size)
 
     def plain_run():
         clock = steps(20, 3, 50)
         model = copy.deepcopy(base).to(device)
-        plain_train(model, cycle(ctx.datamodule.train_dataloader), clock, precision=str(cfg.trainer.precision),
+        plain_train(model, cycle(ctx.data.train_dataloader), clock, precision=str(cfg.trainer.precision),
                     lr=float(cfg.module.lr))
         record(f"plain loop, same batches ({cfg.trainer.precision})", clock, base)
 
@@ -135,7 +135,7 @@ def check(bundle: Path, dry_run: bool = False) -> dict:
         from bench_eval import timed
 
         model = copy.deepcopy(base).to(device).eval()
-        test = [{k: v.to(device) for k, v in b.items()} for b in ctx.datamodule.test_dataloader()]
+        test = [{k: v.to(device) for k, v in b.items()} for b in ctx.data.test_dataloader()]
         test = test[:2] if dry_run else test
         for name, bf16 in (("fp32", False), ("bf16 autocast", True)):
             def fn(bs, bf16=bf16):
@@ -150,11 +150,13 @@ def check(bundle: Path, dry_run: bool = False) -> dict:
         from hydra.core.hydra_config import HydraConfig  # noqa: F401 - compose() sets it
 
         from subgroup_robustness.experiment import run
+        from subgroup_robustness.preflight import check_config
 
         with tempfile.TemporaryDirectory() as tmp:
             extra = ["debug=fdr"] if dry_run else []
             run_cfg = compose([trainer_cfg, *model_args, "print_config=false", *extra], out_dir=tmp)
             t = time.perf_counter()
+            check_config(run_cfg)  # as the entry point does: the config completed and checked first
             rec = run(run_cfg)
             report["end_to_end"] = {"status": rec["status"], "wall s": time.perf_counter() - t,
                                     "test acc_avg": rec["metrics"]["test"]["test/acc_avg"],

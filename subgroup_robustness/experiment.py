@@ -28,6 +28,9 @@ from subgroup_robustness.compression.context import Compressed
 from subgroup_robustness.data.datamodule import GroupDataModule
 from subgroup_robustness.data.groups import PRIMARY
 from subgroup_robustness.metrics.callbacks import BestWeights, GroupMetrics
+from subgroup_robustness.metrics.comparison import prediction_metrics
+from subgroup_robustness.metrics.degenerate import degeneracy
+from subgroup_robustness.metrics.probe import dfr_probe, encoder_features
 from subgroup_robustness.metrics.group_metrics import flatten_metrics
 from subgroup_robustness.models.base_cache import BaseCache, base_key
 from subgroup_robustness.models.classifier import SequenceClassifier
@@ -36,7 +39,7 @@ from subgroup_robustness.models.loading import load_model
 from subgroup_robustness.models.precision import precision_plugin
 from subgroup_robustness.report.wandb_log import log_summary
 from subgroup_robustness.results import (PREDICTIONS_FILE, RESULTS_FILE, base_record, encode_predictions,
-                                         read_record, test_metadata, write_results)
+                                         read_predictions, read_record, test_metadata, write_results)
 from subgroup_robustness.utils.console import console, print_group_table
 from subgroup_robustness.utils.errors import instantiate_or_explain
 from subgroup_robustness.utils.io import atomic_write_bytes, stable_hash
@@ -46,8 +49,7 @@ from subgroup_robustness.utils.perf import configure_process, release_memory
 log = logging.getLogger(__name__)
 
 # not part of what a run computes: where it writes, how it logs, what it measures besides the metrics
-RUN_KEYS_EXCLUDED = ("paths", "logger", "hydra", "print_config", "skip_existing", "callbacks", "cache_base",
-                     "measure")
+RUN_KEYS_EXCLUDED = ("paths", "logger", "hydra", "print_config", "skip_existing", "cache_base", "measure")
 
 
 def run_identity(cfg: DictConfig) -> str:
@@ -197,7 +199,9 @@ class RunContext:
         trainer = self.trainer(training=True, **({"precision": precision} if precision else {}))
         trainer.fit(module, datamodule=self.data)
         best = next((c for c in trainer.callbacks if isinstance(c, BestWeights)), None)
+        gm = next((c for c in trainer.callbacks if isinstance(c, GroupMetrics)), None)
         info = {"phase": phase, "epochs": trainer.current_epoch, "steps": trainer.global_step,
+                "monitor": getattr(best, "monitor", None), "history": list(getattr(gm, "history", [])),
                 "precision": str(trainer.precision),
                 "best_epoch": getattr(best, "best_epoch", None), "best_value": getattr(best, "best", None),
                 "seconds": time.perf_counter() - t0}
@@ -329,7 +333,59 @@ def record(rec: dict[str, Any], ctx: RunContext, stages: list[Compressor], evals
     if evals["predictions"] is not None:
         atomic_write_bytes(ctx.workdir / PREDICTIONS_FILE, ctx.prediction_bytes(evals))
         rec["predictions"] = PREDICTIONS_FILE
+        rec["metrics"]["test"].update(_prediction_metrics(ctx, rec, stages))
+        pred = evals["predictions"][:, 2].numpy()
+        rec["degenerate"] = degeneracy(pred, len(ctx.label_names), model=ctx.model, label_names=ctx.label_names)
+        if rec["degenerate"]["degenerate"]:
+            console.print(f"[bold yellow]degenerate model[/bold yellow]: {'; '.join(rec['degenerate']['reasons'])} "
+                          "(flagged in results.json; the report marks it and never ranks it)")
+    if (cfg.get("analysis") or {}).get("probe"):
+        rec["probe"] = _probe(ctx, degenerate=bool((rec.get("degenerate") or {}).get("degenerate")))
+        rec["metrics"]["probe"] = flatten_metrics("probe", None, rec["probe"]["groups"])
     return rec
+
+
+def _prediction_metrics(ctx: RunContext, rec: dict[str, Any], stages: list[Compressor]) -> dict[str, float]:
+    """Per-group F1, calibration, mean-group / worst-class / balanced accuracy; and, for a compressed run,
+    prediction flips and KL against its base's test predictions (the cached base of the same seed)."""
+    run_p = read_predictions(ctx.workdir / PREDICTIONS_FILE)
+    base_p, against = None, None
+    base_file = Path((ctx.base or {}).get("cache_dir") or "") / PREDICTIONS_FILE
+    if stages and ctx.base and base_file.is_file():
+        base_p, against = read_predictions(base_file), f"cached base {ctx.base.get('key')}"
+    try:
+        out = prediction_metrics(run_p, ctx.data.groupings, len(ctx.label_names), base=base_p)
+    except ValueError as exc:  # e.g. the base scored another subsample: say so, keep the run's own metrics
+        rec["comparison"] = {"against": against, "error": str(exc)}
+        return prediction_metrics(run_p, ctx.data.groupings, len(ctx.label_names), base=None)
+    rec["comparison"] = {"against": against} if against else {"against": None,
+                                                                "why": "no base predictions (this run is a base, "
+                                                                       "or starts from the pretrained model)"}
+    return out
+
+
+def _probe(ctx: RunContext, degenerate: bool) -> dict[str, Any]:
+    """Features or head? DFR on the frozen encoder: a linear head re-fit on the group-balanced validation
+    split, scored on test (see metrics/probe.py). On a degenerate model the [CLS] state is probed."""
+    import numpy as np
+    import torch
+
+    at = "cls" if degenerate else "head"
+    g = ctx.data.primary
+
+    def split(loader_factory):
+        x, index = encoder_features(ctx.model, loader_factory(), at=at)
+        meta = test_metadata(ctx.data.table, ctx.data.columns, index)["metadata"].astype(np.int64)
+        return x, meta[:, 0], g.masks(torch.as_tensor(meta)).numpy()
+
+    t0 = time.perf_counter()
+    xv, yv, mv = split(ctx.data.val_dataloader)
+    xt, yt, mt = split(ctx.data.test_dataloader)
+    res = dfr_probe(xv, yv, mv, xt, yt, mt, seed=ctx.seed, group_names=list(g.group_names),
+                    num_classes=len(ctx.label_names))
+    return {"at": at, "held_out": "val", "settings": res["settings"], "groups": {k: v for k, v in res.items()
+                                                                                if k != "settings"},
+            "seconds": time.perf_counter() - t0}
 
 
 def sweep_params() -> dict[str, Any] | None:
@@ -351,8 +407,13 @@ def run_summary(cfg: DictConfig) -> dict[str, Any]:
 
 
 def identity_payload(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """What changes a run's results: the resolved config without paths, logging and measurement knobs;
+    callbacks count (early stopping and selection change the model), the progress bar does not."""
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    return {k: v for k, v in c.items() if k not in RUN_KEYS_EXCLUDED}
+    out = {k: v for k, v in c.items() if k not in RUN_KEYS_EXCLUDED}
+    if isinstance(out.get("callbacks"), dict):
+        out["callbacks"] = {k: v for k, v in out["callbacks"].items() if "progress" not in k}
+    return out
 
 
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 8) -> list[str]:

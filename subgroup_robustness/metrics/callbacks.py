@@ -20,8 +20,12 @@ class GroupMetrics(L.Callback):
     ``save_predictions`` keeps every test prediction (index, label, pred) and its class probabilities
     (float16), for significance tests, prediction flips and calibration that need no re-run."""
 
-    def __init__(self, save_predictions: bool = True):
+    def __init__(self, save_predictions: bool = True, history_test: bool = True):
         self.save_predictions = save_predictions
+        # per fit epoch: the validation metrics and (history_test) the test metrics of that epoch's weights,
+        # so another validation-based selection rule can be applied after the fact without re-running
+        self.history_test = bool(history_test)
+        self.history: list[dict[str, Any]] = []
         self.groupings: dict[str, Grouping] = {}
         self.metrics: dict[str, nn.ModuleDict] = {}
         self.results: dict[str, dict[str, Any]] = {}
@@ -71,6 +75,41 @@ class GroupMetrics(L.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module):
         self._end("val", trainer, pl_module)
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        entry: dict[str, Any] = {"epoch": int(trainer.current_epoch), "step": int(trainer.global_step),
+                                 "val": self._flat("val")}
+        if self.history_test and trainer.datamodule is not None:
+            entry["test"] = self._flat_of(self._score(trainer, pl_module, trainer.datamodule.test_dataloader()), "test")
+        self.history.append(entry)
+
+    def _flat(self, split: str) -> dict[str, float]:
+        return self._flat_of(self.results[split], split)
+
+    @staticmethod
+    def _flat_of(result: dict[str, Any], split: str) -> dict[str, float]:
+        flat: dict[str, float] = {}
+        for name, res in result.items():
+            flat.update(flatten_metrics(split, None if name == PRIMARY else name, res))
+        return {k: v for k, v in flat.items() if "/count/" not in k}
+
+    @torch.no_grad()
+    def _score(self, trainer: L.Trainer, pl_module: L.LightningModule, loader) -> dict[str, Any]:
+        """Group accuracy of the current weights on ``loader`` (the test split during fit), outside
+        Lightning's loops so that nothing is logged and no test hooks fire."""
+        metrics = nn.ModuleDict({n: GroupAccuracy(g.group_names) for n, g in self.groupings.items()}).to(pl_module.device)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with trainer.precision_plugin.forward_context():
+                for batch in loader:
+                    batch = trainer.strategy.batch_to_device(batch, pl_module.device)
+                    preds = pl_module._eval_step(batch)["preds"]
+                    for name, metric in metrics.items():
+                        metric.update(preds, batch["labels"], self.groupings[name].masks(batch["metadata"]))
+        finally:
+            pl_module.train(was_training)
+        return {name: metric.compute() for name, metric in metrics.items()}
 
     def on_test_epoch_start(self, trainer, pl_module):
         self._start("test", pl_module)

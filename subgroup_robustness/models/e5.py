@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -37,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import unicodedata
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -242,10 +242,13 @@ def bert_config(f: E5File) -> dict[str, Any]:
     }
 
 
-def _nfkc_table(nfkc) -> dict[int, str]:
-    """Codepoint -> its NFKC form under ``nfkc`` (the tokenizers normalizer that will run), for every
+@functools.lru_cache(maxsize=1)
+def _nfkc_table() -> dict[int, str]:
+    """Codepoint -> its NFKC form under tokenizers' NFKC (the normalizer that will run), for every
     codepoint it changes. One call per 64k codepoints, separated by NULs (a starter that never composes)."""
-    changed = {}
+    from tokenizers import normalizers
+
+    nfkc, changed = normalizers.NFKC(), {}
     for start in range(1, 0x110000, 0x10000):
         cps = [cp for cp in range(start, min(start + 0x10000, 0x110000)) if not 0xD800 <= cp < 0xE000]
         outs = nfkc.normalize_str("\x00".join(map(chr, cps))).split("\x00")
@@ -263,7 +266,7 @@ def normalizer(norm: Mapping[int, str]):
     from tokenizers import Regex, normalizers
 
     nfkc = normalizers.NFKC()
-    table = _nfkc_table(nfkc)
+    table = _nfkc_table()
     want = {cp: out for cp, out in norm.items()}
     exceptions = {cp: want.get(cp, chr(cp)) for cp in set(want) | set(table)
                   if want.get(cp, chr(cp)) != table.get(cp, chr(cp))}

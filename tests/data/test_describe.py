@@ -31,6 +31,9 @@ def test_multinli_counts_match_the_rows(sr_env, capsys):
     assert describe.main(["dataset=multinli", f"dataset.source.path={path}"]) == 0
     out = capsys.readouterr().out
     assert "split sizes" in out and "6 groups, disjoint" in out
+    assert "multinli: labels contradiction, entailment, neutral" in out
+    assert "multinli: attribute has_negation no_negation, negation" in out
+    assert summary["attributes"] == {"has_negation": ["no_negation", "negation"]}
     for group in counts:
         assert group in out
 

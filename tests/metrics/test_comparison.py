@@ -52,7 +52,8 @@ def test_flips_and_kl_per_group_by_hand():
     assert out["test/flip_c2w"] == pytest.approx(2 / 6)     # i0, i5
     assert out["test/flip_w2c"] == pytest.approx(1 / 6)     # i3
     # accuracy change = w2c - c2w
-    assert out["test/flip_w2c"] - out["test/flip_c2w"] == pytest.approx((PRED == LABEL).mean() - (BASE_PRED == LABEL).mean())
+    d_acc = (PRED == LABEL).mean() - (BASE_PRED == LABEL).mean()
+    assert out["test/flip_w2c"] - out["test/flip_c2w"] == pytest.approx(d_acc)
     assert out["test/kl"] == pytest.approx((LN3 + K5) / 6)
     expected = {  # group: flip, c2w, w2c, kl
         "neg:a": (0.5, 0.5, 0.0, 0.25 * LN3),

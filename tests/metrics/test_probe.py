@@ -89,7 +89,8 @@ def test_encoder_features_are_what_the_head_sees(tiny_model_dir, one_thread):
     assert model.training  # restored
     model.eval()
     with torch.no_grad():
-        out = model.bert(**{k: v for k, v in batches[0].items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+        inputs = {k: v for k, v in batches[0].items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        out = model.bert(**inputs)
     np.testing.assert_allclose(feats[:3], out.pooler_output.numpy(), rtol=1e-5, atol=1e-6)
     cls, _ = encoder_features(SequenceClassifier(model), batches, at="cls")
     np.testing.assert_allclose(cls[:3], out.last_hidden_state[:, 0].numpy(), rtol=1e-5, atol=1e-6)

@@ -23,7 +23,7 @@ import csv
 import logging
 import string
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -102,7 +102,9 @@ def _official_folder(path: Path) -> Path:
     return path
 
 
-def _read_parts(folder: Path, names: Mapping[str, str], parts: Sequence[str], read, kind: str) -> dict[str, pd.DataFrame]:
+def _read_parts(folder: Path, names: Mapping[str, str], parts: Sequence[str], read: Callable[[Path], pd.DataFrame],
+                kind: str) -> dict[str, pd.DataFrame]:
+    """Each part's file in ``folder``, read; a missing one is named, with how to point at the data."""
     out = {}
     for part in parts:
         f = folder / names[part]

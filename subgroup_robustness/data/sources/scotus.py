@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from subgroup_robustness.data.sources.fetch import cached_fetch, read_hub
-from subgroup_robustness.data.sources.files import REPLACE, extract_once, fix_for, read_jsonl
+from subgroup_robustness.data.sources.files import REPLACE, corrupt, extract_once, fix_for, read_jsonl
 from subgroup_robustness.data.sources.splits import SPLITS
 from subgroup_robustness.utils.errors import ConfigError, CorruptDataError, DataUnavailableError
 
@@ -99,8 +99,7 @@ def _read_file(path: Path, fix: str = REPLACE) -> list[Mapping]:
         except ImportError:
             raise DataUnavailableError(f"{NAME}: reading {path} needs a parquet engine: `pip install pyarrow`.") from None
         except Exception as exc:  # noqa: BLE001 - pyarrow raises its own types for broken files
-            raise CorruptDataError(f"{NAME}: {path}: cannot be read ({type(exc).__name__}: {str(exc)[:200]}); "
-                                   f"the file is corrupt or truncated — {fix}.") from None
+            raise corrupt(NAME, path, f"cannot be read ({type(exc).__name__}: {str(exc)[:200]})", fix=fix) from None
         return frame.to_dict("records")
     return read_jsonl(path, NAME, fix)
 
