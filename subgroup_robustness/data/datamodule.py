@@ -13,15 +13,13 @@ import lightning.pytorch as L
 import numpy as np
 import pandas as pd
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from subgroup_robustness.data.groups import PRIMARY, Grouping, build_groupings, metadata_columns, value_names
 from subgroup_robustness.data.sources.splits import SPLITS
 from subgroup_robustness.data.spec import validate_dataset_spec
-from subgroup_robustness.utils.errors import CorruptDataError, UserError
+from subgroup_robustness.utils.errors import CorruptDataError, instantiate_or_explain
 from subgroup_robustness.utils.io import atomic_write_bytes, file_lock, stable_hash
 
 log = logging.getLogger(__name__)
@@ -220,12 +218,7 @@ class GroupDataModule(L.LightningDataModule):
 
     def load_table(self) -> pd.DataFrame:
         if self.table is None:
-            try:
-                df = instantiate(self.cfg["source"])
-            except InstantiationException as exc:  # Hydra wraps the source's errors; a UserError must reach the user
-                if isinstance(exc.__cause__, UserError):
-                    raise exc.__cause__ from None
-                raise
+            df = instantiate_or_explain(self.cfg["source"])  # a source's UserError reaches the user as itself
             validate_table(df, self.cfg)
             df = df.reset_index(drop=True)
             for col in self.columns:

@@ -28,14 +28,10 @@ Prints split sizes and per-group counts for the composed dataset config, e.g.
 
 
 def compose_config(overrides: Sequence[str]) -> DictConfig:
-    """The run's own config tree, from the packaged conf directory."""
-    from hydra import compose, initialize_config_module
+    """The run's own config tree (``utils.compose.compose``: the packaged configs)."""
+    from subgroup_robustness.utils.compose import compose
 
-    from subgroup_robustness.utils.resolvers import register
-
-    register()
-    with initialize_config_module(config_module="subgroup_robustness.conf", version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose(overrides)
 
 
 def summarize(cfg: DictConfig) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from subgroup_robustness.models.objectives import ERM, Objective
-from subgroup_robustness.models.structure import MODEL_INPUTS, model_inputs  # noqa: F401 - MODEL_INPUTS re-exported
+from subgroup_robustness.models.structure import model_inputs
 
 
 class SequenceClassifier(L.LightningModule):

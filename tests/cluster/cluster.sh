@@ -8,8 +8,9 @@
 #
 # Debian 12's slurm-wlm 22.05 + munge (+ slurmdbd and MariaDB for job accounting, so `sacct` -- which
 # submitit reads for a job's state -- is the real one), all run as root without systemd or cgroups, with
-# private configuration, keys, state, sockets and ports: nothing in /etc/slurm, /etc/munge or /run/munge is
-# used or changed, and a slurm or munge already running on this machine is left alone.
+# private configuration, state, database and ports: nothing in /etc/slurm is used or changed. munge: slurm's
+# clients (sacctmgr) only talk to munge's default socket, /run/munge/munge.socket.2; a munged already
+# answering there is used as it is, otherwise this script starts one there (with a private key).
 #
 # Every daemon this script starts has a PID file under $W/pids; `down` stops exactly those PIDs (after
 # checking each is still the binary it started) and nothing else.
@@ -143,7 +144,6 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$RUN/munge.socket
 MpiDefault=none
 StateSaveLocation=$W/state/ctld
 SlurmdSpoolDir=$W/state/slurmd
@@ -178,7 +178,6 @@ EOF
   if [ "$ACCOUNTING" = slurmdbd ]; then
     cat >"$ETC/slurmdbd.conf" <<EOF
 AuthType=auth/munge
-AuthInfo=socket=$RUN/munge.socket
 DbdHost=localhost
 DbdAddr=127.0.0.1
 DbdPort=$DBD_PORT
@@ -228,6 +227,8 @@ EOF
 # ---- up / down ---------------------------------------------------------------------------------------
 start_db() {
   local sql="$RUN/mysqld.sock"
+  if alive slurmdbd; then return 0; fi
+  if alive mariadbd; then :; else
   if [ ! -d "$W/db/mysql" ]; then
     rm -rf "$W/db"
     mariadb-install-db --no-defaults --user=root --datadir="$W/db" --auth-root-authentication-method=socket \
@@ -238,6 +239,7 @@ start_db() {
     --log-error="$LOG/mariadbd.err" --skip-log-bin --innodb-buffer-pool-size=32M --innodb-log-file-size=16M
   wait_for 60 mariadb mariadb --no-defaults -S "$sql" -u root -e 'select 1' \
     || die "MariaDB did not start (see $LOG/mariadbd.err)"
+  fi
   mariadb --no-defaults -S "$sql" -u root <<EOF
 CREATE DATABASE IF NOT EXISTS slurm_acct_db;
 CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm-test';
@@ -253,6 +255,8 @@ EOF
   say "slurmdbd up (port $DBD_PORT)"
 }
 
+munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
+
 node_idle() { sinfo -h -p "$PARTITION" -o '%T' 2>/dev/null | grep -qE '^(idle|mixed)'; }
 
 up() {
@@ -264,13 +268,17 @@ up() {
   export SLURM_CONF=$ETC/slurm.conf
   [ "$ACCOUNTING" = shim ] && export PATH=$BIN:$PATH
 
-  alive munged || start munged "$(command -v munged || echo /usr/sbin/munged)" --foreground --force \
-    --socket="$RUN/munge.socket" --key-file="$ETC/munge.key" --pid-file="$RUN/munged.pid" \
-    --log-file="$LOG/munged.log" --seed-file="$RUN/munged.seed"
-  wait_for 20 munge bash -c "munge -S '$RUN/munge.socket' -n | unmunge -S '$RUN/munge.socket'" \
-    || die "munged did not start (see $LOG/munged.out, $LOG/munged.log)"
-  say "munged up"
-  if [ "$ACCOUNTING" = slurmdbd ]; then alive slurmdbd || start_db; fi
+  if munge_ok; then
+    alive munged && say "munged up (pid $(cat "$PIDS/munged.pid"))" || say "using the munged already running"
+  else
+    mkdir -p /run/munge && chmod 755 /run/munge
+    start munged "$(command -v munged || echo /usr/sbin/munged)" --foreground --force \
+      --key-file="$ETC/munge.key" --pid-file="$RUN/munged.pid" --log-file="$LOG/munged.log" \
+      --seed-file="$RUN/munged.seed"
+    wait_for 20 munge munge_ok || die "munged did not start (see $LOG/munged.out, $LOG/munged.log)"
+    say "munged up"
+  fi
+  if [ "$ACCOUNTING" = slurmdbd ]; then start_db; fi
 
   alive slurmctld || start slurmctld "$(command -v slurmctld || echo /usr/sbin/slurmctld)" -D -i -f "$ETC/slurm.conf"
   wait_for 30 slurmctld scontrol ping || die "slurmctld did not answer (see $LOG/slurmctld.log)"
