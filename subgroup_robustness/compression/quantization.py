@@ -206,7 +206,7 @@ class StaticInt8(_Int8):
     start_from = "finetuned"
 
     def __init__(self, calibration_batches: int | None = None, observer: str = "histogram",
-                 quantize_classifier: bool = True):
+                 quantize_classifier: bool = True, calibration: Any = None):
         if calibration_batches is not None and int(calibration_batches) < 1:
             raise ConfigError(f"static int8: calibration_batches={calibration_batches} must be >= 1, or null for the "
                               "whole training split (the paper)")
@@ -215,16 +215,35 @@ class StaticInt8(_Int8):
         super().__init__(quantize_classifier)
         self.calibration_batches = None if calibration_batches is None else int(calibration_batches)
         self.observer = observer
+        # null: the paper's calibration (the training split, or its first calibration_batches batches);
+        # {source, examples, seed}: a draw of data.calibration (natural | group_balanced | worst_group)
+        if calibration is not None:
+            from omegaconf import DictConfig, OmegaConf
+
+            from subgroup_robustness.data.calibration import check_calibration
+
+            if isinstance(calibration, DictConfig):
+                calibration = OmegaConf.to_container(calibration, resolve=True)
+            calibration = check_calibration(calibration, "static int8")
+        self.calibration = calibration
 
     def apply(self, ctx: CompressionContext) -> Compressed:
         model = ctx.model.to("cpu").eval()
-        loader = ctx.data.train_dataloader()
-        batches = loader if self.calibration_batches is None else \
-            (b for i, b in zip(range(self.calibration_batches), loader))
+        record = None
         t0 = time.perf_counter()
+        if self.calibration is None:
+            loader = ctx.data.train_dataloader()
+            batches = loader if self.calibration_batches is None else \
+                (b for i, b in zip(range(self.calibration_batches), loader))
+        else:
+            from subgroup_robustness.data.calibration import calibration_from_spec
+
+            batches, record = calibration_from_spec(ctx.data, self.calibration, int(ctx.seed))
         qparams, seen = calibrate(model, batches, self.quantize_classifier, self.observer)
         self._extra = {"method": "static int8 (per-tensor asymmetric inputs, per-row weights)",
                        "calibration_examples": seen, "calibration_s": time.perf_counter() - t0}
+        if record is not None:
+            self._extra["calibration"] = record
         return Compressed(static_int8(model, qparams))
 
 

@@ -105,14 +105,17 @@ def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
 
 
 # ---- the three criteria ---------------------------------------------------------------------------------
-def magnitude_prune(weight: torch.Tensor, sparsity: float, nm: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+Pattern = tuple[int, int] | None  # (N, M) of an N:M pattern, None for unstructured
+
+
+def magnitude_prune(weight: torch.Tensor, sparsity: float, nm: Pattern) -> tuple[torch.Tensor, torch.Tensor]:
     scores = weight.detach().abs().float()
     keep = nm_keep_mask(scores, *nm) if nm else row_keep_mask(scores, sparsity)
     return weight.detach() * keep, keep
 
 
 def wanda_prune(weight: torch.Tensor, sq_norms: torch.Tensor, sparsity: float,
-                nm: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+                nm: Pattern) -> tuple[torch.Tensor, torch.Tensor]:
     """Wanda: scores ``|W_ij| * ||X_j||_2`` (``sq_norms``: the squared input norm of every input feature),
     compared per output row (or per N:M group); the kept weights are unchanged."""
     scores = weight.detach().abs().float() * sq_norms.float().to(weight.device).sqrt().reshape(1, -1)
@@ -120,8 +123,9 @@ def wanda_prune(weight: torch.Tensor, sq_norms: torch.Tensor, sparsity: float,
     return weight.detach() * keep, keep
 
 
-def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
-                    blocksize: int = 128, dampening: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: Pattern,
+                    blocksize: int = 128, dampening: float = 0.01
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """SparseGPT on one Linear: the pruned and reconstructed weight, its keep-mask, and figures (the
     damping used, the relative reconstruction error ``tr(D H D^T) / tr(W H W^T)`` with ``D = W - W'``)."""
     W = weight.detach().clone().float()
@@ -169,8 +173,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
         pruned[:, i1:i2] = P1
     W[pruned] = 0.0
-    delta = weight.detach().float().to(W.device) - W
-    denom = float(torch.einsum("ij,jk,ik->", weight.detach().float().to(W.device), base, weight.detach().float().to(W.device)))
+    original = weight.detach().float().to(W.device)
+    delta = original - W
+    denom = float(torch.einsum("ij,jk,ik->", original, base, original))
     rel = float(torch.einsum("ij,jk,ik->", delta, base, delta)) / denom if denom > 0 else 0.0
     return W.to(weight.dtype), ~pruned, {"damping": damp, "relative_error": rel}
 
@@ -185,7 +190,10 @@ def prunable_linears(model: nn.Module, scope: str = "encoder") -> list[tuple[str
             if isinstance(m, nn.Linear) and (inside is None or id(m) in inside)]
 
 
-def layer_groups(model: nn.Module, targets: Sequence[tuple[str, nn.Linear]]) -> list[tuple[nn.Module | None, list[tuple[str, nn.Linear]]]]:
+Targets = list[tuple[str, nn.Linear]]
+
+
+def layer_groups(model: nn.Module, targets: Sequence[tuple[str, nn.Linear]]) -> list[tuple[nn.Module | None, Targets]]:
     """The targets per transformer layer in layer order, then those outside every layer (layer None)."""
     layers = list(layer_stack(model)[2])
     owner: dict[int, int] = {}
@@ -206,7 +214,8 @@ class _Stop(Exception):
     """Raised after the layer being calibrated: the rest of the forward pass is not needed."""
 
 
-def observe_inputs(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], modules: Sequence[tuple[str, nn.Module]],
+def observe_inputs(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
+                   modules: Sequence[tuple[str, nn.Module]],
                    observe: Callable[[str, torch.Tensor], None], stop_after: nn.Module | None = None) -> int:
     """Run ``batches`` through ``model`` (eval, no grad) and call ``observe(fqn, rows)`` with each module's
     input as (tokens, features) rows, padding tokens left out; stop each pass after ``stop_after``.
@@ -439,7 +448,8 @@ class SparseGPT(_OneShot):
             raise ConfigError(f"sparsegpt: blocksize={blocksize} must be >= 1"
                               + (f" and a multiple of M={self._nm[1]}" if self._nm else ""))
         if not self.dampening > 0:
-            raise ConfigError(f"sparsegpt: dampening={dampening} must be > 0 (a share of the mean Hessian diagonal, e.g. 0.01)")
+            raise ConfigError(f"sparsegpt: dampening={dampening} must be > 0 "
+                              "(a share of the mean Hessian diagonal, e.g. 0.01)")
 
     def statistics(self, model, batches, group, stop_after):
         hs: dict[str, list] = {}

@@ -35,10 +35,9 @@ from subgroup_robustness.compression.base import Compressor
 from subgroup_robustness.compression.context import CompressionContext, Compressed
 from subgroup_robustness.models.figures import count_parameters
 from subgroup_robustness.models.structure import feed_forward_blocks, layer_stack
-from subgroup_robustness.models.surgery import KEPT_HEADS_KEY, prune_linear, register_shape
+from subgroup_robustness.models.surgery import FFN_KEPT_KEY, KEPT_HEADS_KEY, prune_ffn
 from subgroup_robustness.utils.errors import ConfigError
 
-FFN_KEPT_KEY = "sr_ffn_kept"        # in the model config: original indices of the FFN neurons each layer kept
 KEPT_LAYERS_KEY = "sr_kept_layers"  # informational: original indices of the layers kept after dropping
 PER_LAYER_KEYS = (KEPT_HEADS_KEY, FFN_KEPT_KEY)
 IMPORTANCES = ("weight", "activation")
@@ -93,31 +92,6 @@ def select_neurons(scores: Sequence[torch.Tensor], sparsity: float) -> list[list
     return keep
 
 
-def prune_ffn(model: nn.Module, keep: Sequence[Sequence[int]]) -> None:
-    """Keep only the intermediate neurons ``keep[layer]`` (positions among the layer's current neurons), in
-    place, and record them in ``config.sr_ffn_kept`` as indices of the original neurons."""
-    blocks = feed_forward_blocks(model)
-    if len(keep) != len(blocks):
-        raise ConfigError(f"ffn pruning: {len(keep)} layers of kept neurons for a model with {len(blocks)} layers")
-    config = getattr(model, "config", None)
-    before = getattr(config, FFN_KEPT_KEY, None) or [list(range(inter.dense.out_features)) for inter, _, _, _ in blocks]
-    record = []
-    for layer, ((inter, _, output, _), kept) in enumerate(zip(blocks, keep)):
-        n = int(inter.dense.out_features)
-        kept = sorted({int(k) for k in kept})
-        if not kept or kept[0] < 0 or kept[-1] >= n:
-            raise ConfigError(f"ffn pruning: layer {layer} must keep 1..{n} of its neurons 0..{n - 1}")
-        record.append([int(before[layer][k]) for k in kept])
-        if len(kept) == n:
-            continue
-        index = torch.as_tensor(kept, dtype=torch.long)
-        inter.dense = prune_linear(inter.dense, index, 0)
-        output.dense = prune_linear(output.dense, index, 1)
-    if config is not None:
-        setattr(config, FFN_KEPT_KEY, record)
-
-
-register_shape(FFN_KEPT_KEY, prune_ffn)  # a fresh model has every original neuron: indices are positions
 
 
 # ---- layers ------------------------------------------------------------------------------------------
@@ -215,8 +189,9 @@ class FFNPruning(_Structured):
         after = ffn_sizes(ctx.model)
         total = sum(self._before)
         return {
-            "criterion": ("||W_in row|| * ||W_out column|| per neuron, within each layer" if self.importance == "weight"
-                          else "||activations|| * ||W_out column|| per neuron over calibration tokens, within each layer"),
+            "criterion": ("||W_in row|| * ||W_out column|| per neuron, within each layer"
+                          if self.importance == "weight" else
+                          "||activations|| * ||W_out column|| per neuron over calibration tokens, within each layer"),
             "ffn_before": self._before,
             "ffn_kept": after,
             "ffn_sparsity": (total - sum(after)) / total if total else 0.0,

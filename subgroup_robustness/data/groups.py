@@ -7,11 +7,23 @@ Spec forms, in a dataset config's ``groupings`` mapping (the grouping named ``gr
 - ``{by: [label, identity]}``: the Cartesian product of the values: disjoint groups.
 - ``{each: [male, female, ...], by: [label]}``: for every listed binary attribute, the examples where
   it is 1, crossed with ``by``: overlapping groups.
+Two optional keys refine either form:
+- ``exclude: {court_region: [n_a]}``: leave out the groups with these values of a ``by`` column (their
+  examples are in no group of this grouping), e.g. FairLex's missing-value groups. Keys naming columns
+  that are not in ``by`` are ignored, so one map of a dataset's missing values serves all its groupings.
+- ``per: language``: one grouping per value of that column, named ``<name>_<value>`` (``lang_de``), each
+  holding the ``by`` groups of that value only; every result then has its own worst group
+  (``test/lang_de/acc_wg``: the worst-group accuracy of the German examples). ``Grouping.within`` says
+  which column and value a grouping is restricted to.
+
+Multi-label datasets (``task: multilabel``) keep the label set as a bitmask in the ``label`` column; its
+values are label sets, not label names, so their groupings use attributes only (``label`` is refused).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -20,6 +32,8 @@ import torch
 from subgroup_robustness.utils.errors import ConfigError
 
 PRIMARY = "groups"
+MULTILABEL = "multilabel"
+SPEC_KEYS = ("by", "each", "exclude", "per")
 
 
 @dataclass
@@ -29,6 +43,7 @@ class Grouping:
     conditions: list[list[tuple[int, int]]]  # per group: (metadata column, required value) pairs
     disjoint: bool = True
     columns: list[str] = field(default_factory=list)
+    within: tuple[str, str] | None = None  # (column, value name) of a ``per:`` grouping, else None
 
     @property
     def n_groups(self) -> int:
@@ -55,8 +70,36 @@ def metadata_columns(dataset_cfg: Mapping) -> list[str]:
     return ["label", *list((dataset_cfg.get("attributes") or {}).keys())]
 
 
-def value_names(dataset_cfg: Mapping, column: str) -> list[str]:
+def is_multilabel(dataset_cfg: Mapping | None) -> bool:
+    """``task: multilabel`` in a dataset config: the ``label`` column holds a bitmask of label_names."""
+    return bool(dataset_cfg) and dataset_cfg.get("task", "single_label") == MULTILABEL
+
+
+class LabelSets(SequenceABC):
+    """The values of a multi-label dataset's ``label`` column: every subset of the labels, as bitmasks
+    0 .. 2**C - 1 (so the datamodule's range check of the column holds), named without listing 2**C names."""
+
+    def __init__(self, labels: Sequence[str]):
+        self.labels = list(labels)
+
+    def __len__(self) -> int:
+        return 1 << len(self.labels)
+
+    def __getitem__(self, mask):  # type: ignore[override]
+        if isinstance(mask, slice):
+            return [self[i] for i in range(*mask.indices(len(self)))]
+        if not 0 <= int(mask) < len(self):
+            raise IndexError(mask)
+        return "+".join(n for k, n in enumerate(self.labels) if int(mask) >> k & 1) or "none"
+
+    def __repr__(self) -> str:
+        return f"<label sets of {self.labels} as bitmasks 0..{len(self) - 1}>"
+
+
+def value_names(dataset_cfg: Mapping, column: str) -> Sequence[str]:
     if column == "label":
+        if is_multilabel(dataset_cfg):
+            return LabelSets(dataset_cfg["label_names"])
         return list(dataset_cfg["label_names"])
     attrs = dataset_cfg.get("attributes") or {}
     if column not in attrs:
@@ -67,31 +110,82 @@ def value_names(dataset_cfg: Mapping, column: str) -> list[str]:
     return list(attrs[column])
 
 
-def build_grouping(name: str, spec: Mapping, dataset_cfg: Mapping) -> Grouping:
+def _excluded(name: str, spec: Mapping, by: Sequence[str], dataset_cfg: Mapping) -> dict[str, set[int]]:
+    """``exclude:`` as value indices per ``by`` column (names checked; columns outside ``by`` ignored)."""
+    exclude = spec.get("exclude") or {}
+    if not isinstance(exclude, Mapping):
+        raise ConfigError(f"grouping {name!r}: `exclude` must map columns to value names, e.g. "
+                          "{court_region: [n_a]}; got " + repr(exclude))
+    out: dict[str, set[int]] = {}
+    for col, values in exclude.items():
+        if col not in by:
+            continue
+        names = list(value_names(dataset_cfg, col))
+        values = [values] if isinstance(values, str) else list(values or [])
+        unknown = [v for v in values if v not in names]
+        if unknown:
+            raise ConfigError(f"grouping {name!r}: `exclude.{col}` names {unknown}, which are not values of "
+                              f"{col} {names}")
+        out[col] = {names.index(v) for v in values}
+    return out
+
+
+def build_grouping(name: str, spec: Mapping, dataset_cfg: Mapping,
+                   within: tuple[str, int] | None = None) -> Grouping:
+    """One grouping from its spec; ``within`` = (column, value index) restricts it to one value (``per:``)."""
     columns = metadata_columns(dataset_cfg)
     by: Sequence[str] = list(spec.get("by") or [])
     each: Sequence[str] = list(spec.get("each") or [])
-    unknown = set(spec) - {"by", "each"}
+    unknown = set(spec) - set(SPEC_KEYS)
     if unknown:
-        raise ConfigError(f"grouping {name!r}: unknown keys {sorted(unknown)}; use `by` and/or `each`")
+        raise ConfigError(f"grouping {name!r}: unknown keys {sorted(unknown)}; use `by` and/or `each` "
+                          "(optionally `exclude`, `per`)")
     if not by and not each:
         raise ConfigError(f"grouping {name!r} needs `by` and/or `each`")
-    for col in [*by, *each]:
+    if within is not None:
+        by = [c for c in by if c != within[0]]  # the per-column is fixed inside this grouping
+    for col in [*by, *each, *([within[0]] if within else [])]:
         value_names(dataset_cfg, col)  # validates
-    products = list(itertools.product(*[range(len(value_names(dataset_cfg, c))) for c in by])) or [()]
+    if is_multilabel(dataset_cfg) and "label" in [*by, *each, *([within[0]] if within else [])]:
+        raise ConfigError(
+            f"grouping {name!r} of the multi-label dataset {dataset_cfg.get('name')!r} uses `label`, whose values "
+            "are label sets (bitmasks); group multi-label data by attributes only, e.g. {by: [applicant_gender]}"
+        )
+    skip = _excluded(name, spec, by, dataset_cfg)
+    products = [combo for combo in itertools.product(*[range(len(value_names(dataset_cfg, c))) for c in by])
+                if not any(v in skip.get(c, ()) for c, v in zip(by, combo))] if by else [()]
     names, conds = [], []
     for indicator in (each or [None]):
         for combo in products:
             parts, cond = [], []
+            if within is not None:
+                cond.append((columns.index(within[0]), within[1]))
             if indicator is not None:
                 parts.append(indicator)
                 cond.append((columns.index(indicator), 1))
             for col, v in zip(by, combo):
                 parts.append(value_names(dataset_cfg, col)[v])
                 cond.append((columns.index(col), v))
-            names.append(":".join(parts))
+            names.append(":".join(parts) or "all")
             conds.append(cond)
-    return Grouping(name=name, group_names=names, conditions=conds, disjoint=not each, columns=columns)
+    where = (within[0], value_names(dataset_cfg, within[0])[within[1]]) if within is not None else None
+    return Grouping(name=name, group_names=names, conditions=conds, disjoint=not each, columns=columns,
+                    within=where)
+
+
+def expand(name: str, spec: Mapping, dataset_cfg: Mapping) -> dict[str, Grouping]:
+    """A spec's groupings: itself, or with ``per: <column>`` one grouping per value, ``<name>_<value>``."""
+    per = spec.get("per")
+    if not per:
+        return {name: build_grouping(name, spec, dataset_cfg)}
+    if not isinstance(per, str):
+        raise ConfigError(f"grouping {name!r}: `per` names one column (e.g. per: language); got {per!r}")
+    if name == PRIMARY:
+        raise ConfigError(f"the primary grouping {PRIMARY!r} cannot use `per` (it must be one grouping); "
+                          "give the per-value groupings another name")
+    names = value_names(dataset_cfg, per)
+    return {f"{name}_{v}": build_grouping(f"{name}_{v}", spec, dataset_cfg, within=(per, i))
+            for i, v in enumerate(names)}
 
 
 def build_groupings(dataset_cfg: Mapping) -> dict[str, Grouping]:
@@ -100,8 +194,12 @@ def build_groupings(dataset_cfg: Mapping) -> dict[str, Grouping]:
         raise ConfigError(
             f"dataset {dataset_cfg.get('name')!r} defines no `groupings.{PRIMARY}` (the primary grouping)"
         )
-    out = {PRIMARY: build_grouping(PRIMARY, specs[PRIMARY], dataset_cfg)}
+    out = expand(PRIMARY, specs[PRIMARY], dataset_cfg)
     for name, spec in specs.items():
         if name != PRIMARY:
-            out[name] = build_grouping(name, spec, dataset_cfg)
+            for key, grouping in expand(name, spec, dataset_cfg).items():
+                if key in out:
+                    raise ConfigError(f"grouping {key!r} is defined twice (a `per:` grouping expands to "
+                                      f"<name>_<value>); rename one of them")
+                out[key] = grouping
     return out

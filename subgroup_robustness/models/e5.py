@@ -276,7 +276,7 @@ def normalizer(norm: Mapping[int, str]):
 
     nfkc = normalizers.NFKC()
     table = _nfkc_table()
-    want = {cp: out for cp, out in norm.items()}
+    want = dict(norm)
     exceptions = {cp: want.get(cp, chr(cp)) for cp in set(want) | set(table)
                   if want.get(cp, chr(cp)) != table.get(cp, chr(cp))}
     before, after, plain = [], [], {}

@@ -17,11 +17,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from subgroup_robustness.models.structure import PROJECTIONS, attention_blocks
+from subgroup_robustness.models.structure import PROJECTIONS, attention_blocks, feed_forward_blocks
 from subgroup_robustness.utils.env import quiet_transformers
 from subgroup_robustness.utils.errors import ConfigError, CorruptDataError
 
 KEPT_HEADS_KEY = "sr_kept_heads"  # in the model config: original indices of the heads each layer kept
+FFN_KEPT_KEY = "sr_ffn_kept"      # in the model config: original indices of the FFN neurons each layer kept
 
 # config key -> function(model, recorded value) that rebuilds that shape on a freshly built model
 _SHAPES: dict[str, Callable[[nn.Module, Any], None]] = {}
@@ -79,6 +80,34 @@ def kept_heads(model: nn.Module) -> list[list[int]] | None:
 
 
 register_shape(KEPT_HEADS_KEY, prune_heads)  # a fresh model has every original head: indices are positions
+
+
+# ---- FFN neurons --------------------------------------------------------------------------------------
+def prune_ffn(model: nn.Module, keep: Sequence[Sequence[int]]) -> None:
+    """Keep only the intermediate neurons ``keep[layer]`` (positions among the layer's current neurons), in
+    place, and record them in ``config.sr_ffn_kept`` as indices of the original neurons."""
+    blocks = feed_forward_blocks(model)
+    if len(keep) != len(blocks):
+        raise ConfigError(f"ffn pruning: {len(keep)} layers of kept neurons for a model with {len(blocks)} layers")
+    config = getattr(model, "config", None)
+    before = getattr(config, FFN_KEPT_KEY, None) or [list(range(inter.dense.out_features)) for inter, _, _, _ in blocks]
+    record = []
+    for layer, ((inter, _, output, _), kept) in enumerate(zip(blocks, keep)):
+        n = int(inter.dense.out_features)
+        kept = sorted({int(k) for k in kept})
+        if not kept or kept[0] < 0 or kept[-1] >= n:
+            raise ConfigError(f"ffn pruning: layer {layer} must keep 1..{n} of its neurons 0..{n - 1}")
+        record.append([int(before[layer][k]) for k in kept])
+        if len(kept) == n:
+            continue
+        index = torch.as_tensor(kept, dtype=torch.long)
+        inter.dense = prune_linear(inter.dense, index, 0)
+        output.dense = prune_linear(output.dense, index, 1)
+    if config is not None:
+        setattr(config, FFN_KEPT_KEY, record)
+
+
+register_shape(FFN_KEPT_KEY, prune_ffn)  # a fresh model has every original neuron: indices are positions
 
 
 # ---- reading ------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""Tables, plots and significance from any set of results.json files (also in the middle of a sweep).
+"""Tables, plots, significance and exemplars from any set of results.json files (also in the middle of a
+sweep; a bad file is skipped and named, never fatal).
 
     python -m subgroup_robustness.report logs/offline_grid/multirun     # or: make report  (all of logs/)
+    python -m subgroup_robustness.report logs/offline_grid/multirun --selection val/acc_wg
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from subgroup_robustness.report.collect import Collection, collect, status_count
 __all__ = ["Collection", "collect", "write_report"]
 
 
-def _status_md(col: Collection, written: dict[str, list[Path]], out: Path) -> str:
+def _status_md(col: Collection, written: dict[str, list[Path]], out: Path, extra: dict[str, list[str]]) -> str:
     runs = col.runs
     counts = status_counts(runs)
     lines = ["# Report", "", "Runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), ""]
@@ -21,7 +23,10 @@ def _status_md(col: Collection, written: dict[str, list[Path]], out: Path) -> st
     if superseded:
         lines += [f"{superseded} completed run(s) superseded by a later run of the same setting and seed "
                   "(see `used` in runs.csv).", ""]
-    for kind in ("tables", "plots"):
+    for title, items in extra.items():
+        if items:
+            lines += [f"## {title}", "", *items, ""]
+    for kind in ("tables", "plots", "exemplars"):
         if written.get(kind):
             lines += [f"## {kind.capitalize()}", ""]
             lines += [f"- [{p.relative_to(out)}]({p.relative_to(out)})" for p in written[kind]]
@@ -33,38 +38,56 @@ def _status_md(col: Collection, written: dict[str, list[Path]], out: Path) -> st
         lines += [f"- {r['status']}: {r['experiment']} / {r['dataset']} / {r['setting']} / seed {r['seed']} — "
                   f"`{r['dir']}`" for _, r in pending.iterrows()]
         lines.append("")
-    failed = runs[~runs["status"].isin(["completed", "running", "interrupted"])]
+    failed = runs[~runs["status"].isin(["completed", "running", "interrupted", "unreadable"])]
     if len(failed):
         lines += ["## Failed", ""]
         lines += [f"- {r['experiment']} / {r['dataset']} / {r['setting']} / seed {r['seed']}: {r['error']} — "
                   f"`{r['dir']}`" for _, r in failed.iterrows()]
         lines.append("")
+    if col.problems:
+        lines += ["## Skipped files", "", "Files the report could not use (or used only in part); the rest of the "
+                  "report does not depend on them.", ""]
+        lines += [f"- {p}" for p in col.problems]
+        lines.append("")
     return "\n".join(lines)
 
 
 def write_report(paths: Sequence[str | Path] | str | Path, out: str | Path | None = None, *,
-                 n_boot: int = 2000, seed: int = 0, plots: bool = True) -> dict[str, Any]:
-    """Collect, summarize and write runs.csv, summary.csv, significance.csv, tables, plots and
-    report.md into ``out`` (default ``<first path>/report``)."""
-    from subgroup_robustness.report.tables import summarize, write_tables
+                 n_boot: int = 2000, seed: int = 0, plots: bool = True, selection: str | None = None,
+                 exemplars: bool = True, texts: bool = True) -> dict[str, Any]:
+    """Collect, summarize and write runs.csv, summary.csv, significance.csv, tables, plots, exemplars and
+    report.md into ``out`` (default ``<first path>/report``). ``selection``: a validation rule to re-apply
+    from the runs' per-epoch history (``val/acc_wg``); None: each run's own. ``texts``: load the datasets
+    (local data only) for the exemplars' texts."""
+    from subgroup_robustness.report.tables import headlines, selection_line, summarize, write_tables
 
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     first = Path(paths[0])
     out = Path(out) if out is not None else (first.parent if first.is_file() else first) / "report"
-    col = collect(paths)  # first: a wrong path must not leave an empty report folder behind
+    col = collect(paths, selection=selection)  # first: a wrong path must not leave an empty report folder behind
     out.mkdir(parents=True, exist_ok=True)
     summary, per_seed = summarize(col, n_boot=n_boot, seed=seed)
     col.runs.to_csv(out / "runs.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)
     per_seed.to_csv(out / "significance.csv", index=False)
-    written: dict[str, list[Path]] = {"tables": [], "plots": []}
+    written: dict[str, list[Path]] = {"tables": [], "plots": [], "exemplars": []}
+    extra: dict[str, list[str]] = {"Model selection": [], "Headlines": [], "Exemplars without text": []}
     if len(summary):
-        written["tables"] = write_tables(summary, out)
+        written["tables"] = write_tables(summary, out, col)
+        for (exp, ds), part in col.completed.groupby(["experiment", "dataset"], sort=True):
+            extra["Model selection"].append(f"- {exp} / {ds}: {selection_line(col, part)}")
+        extra["Headlines"] = headlines(summary)
+        if exemplars:
+            from subgroup_robustness.report.exemplars import write_exemplars
+
+            ex = write_exemplars(col, summary, out, texts=texts)
+            written["exemplars"] = ex["files"]
+            written["tables"] += ex["tables"]
+            extra["Exemplars without text"] = [f"- {n}" for n in ex["notes"]]
         if plots:
             from subgroup_robustness.report.plots import write_plots
 
             written["plots"] = write_plots(summary, col.groups(), out)
-    (out / "report.md").write_text(_status_md(col, written, out), encoding="utf-8")
-    return {"out": out, "collection": col, "summary": summary, "significance": per_seed, **written}
-
-
+    (out / "report.md").write_text(_status_md(col, written, out, extra), encoding="utf-8")
+    return {"out": out, "collection": col, "summary": summary, "significance": per_seed,
+            "problems": list(col.problems), **written}

@@ -1,4 +1,5 @@
-"""python -m subgroup_robustness.report <sweep or results folder>... [-o OUT] [--n-boot N] [--no-plots]"""
+"""python -m subgroup_robustness.report <sweep or results folder>... [-o OUT] [--n-boot N] [--selection RULE]
+[--no-plots] [--no-exemplars] [--no-text]"""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ from subgroup_robustness.utils.console import console, error
 from subgroup_robustness.utils.errors import UserError
 
 
-CONSOLE_COLUMNS = ["Setting", "Size (MB)", "Avg acc", "Worst-group acc", "Δ WGA", "Δ WGA 95% CI"]
+CONSOLE_COLUMNS = ["Setting", "Size (MB)", "Avg acc", "Worst-group acc", "Δ WGA", "Δ WGA 95% CI", "Control",
+                   "Δ WGA vs control 95% CI", "Flip %"]
+
+
+def selection_rules() -> tuple[str, ...]:
+    from subgroup_robustness.report.selection import RULES
+
+    return RULES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--out", help="output folder (default: <first path>/report)")
     parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--selection", choices=selection_rules(), default=None,
+                        help="re-pick every run's fine-tuning epoch with this validation rule from its per-epoch "
+                             "history (val/acc_avg: the paper's; default: the rule each run used)")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument("--no-exemplars", action="store_true", help="no exemplar CSVs or flip tables")
+    parser.add_argument("--no-text", action="store_true",
+                        help="exemplar CSVs without the examples' texts (no dataset is loaded)")
     args = parser.parse_args(argv)
     if args.n_boot < 100:
         parser.error("--n-boot must be at least 100 for a 95% interval")
@@ -30,20 +44,23 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     from subgroup_robustness.report import write_report
     from subgroup_robustness.report.collect import status_counts
-    from subgroup_robustness.report.tables import display_table
+    from subgroup_robustness.report.tables import display_table, selection_line
 
     try:
-        rep = write_report(args.paths, args.out, n_boot=args.n_boot, seed=args.seed, plots=not args.no_plots)
+        rep = write_report(args.paths, args.out, n_boot=args.n_boot, seed=args.seed, plots=not args.no_plots,
+                           selection=args.selection, exemplars=not args.no_exemplars, texts=not args.no_text)
     except UserError as exc:
         error(str(exc))
         return 2
     runs, summary = rep["collection"].runs, rep["summary"]
     counts = status_counts(runs)
     console.print("runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
-    for _, r in runs[runs["status"] != "completed"].iterrows():
+    for _, r in runs[~runs["status"].isin(["completed", "unreadable"])].iterrows():
         err = r["error"] if isinstance(r["error"], str) else ""
         console.print(f"  [yellow]{r['status']}[/yellow] " + escape(f"{r['setting']} seed {r['seed']} {err} ({r['dir']})"),
                       soft_wrap=True)
+    for problem in rep["problems"]:  # one line per file skipped (or used only in part)
+        console.print("  [yellow]skipped[/yellow] " + escape(problem), soft_wrap=True)
     for (exp, ds), part in summary.groupby(["experiment", "dataset"], sort=True) if len(summary) else []:
         from rich.table import Table
 
@@ -54,9 +71,18 @@ def main(argv: list[str] | None = None) -> int:
         for row in shown.itertuples(index=False):
             table.add_row(*map(str, row))
         console.print(table)
+        runs_here = rep["collection"].completed
+        runs_here = runs_here[(runs_here["experiment"] == exp) & (runs_here["dataset"] == ds)]
+        console.print(escape(selection_line(rep["collection"], runs_here)), soft_wrap=True)
+        if part["degenerate"].any():
+            console.print(escape("† degenerate (never ranked): " + "; ".join(
+                f"{r['setting']}: {r['degenerate_note']}" for _, r in part[part["degenerate"]].iterrows())),
+                soft_wrap=True)
     if len(summary):
-        console.print("Δ: percentage points against the base of the same seed; * = 95% interval excludes zero")
-    console.print(f"report: {rep['out'] / 'report.md'} ({len(rep['tables'])} tables, {len(rep['plots'])} plots)")
+        console.print("Δ: percentage points against the base (and the setting's matched-compute control) of the same "
+                      "seed and configuration; * = 95% interval excludes zero")
+    console.print(f"report: {rep['out'] / 'report.md'} ({len(rep['tables'])} tables, {len(rep['plots'])} plots, "
+                  f"{len(rep['exemplars'])} exemplar files)")
     return 0
 
 

@@ -12,10 +12,21 @@ first, then one block per family (alphabetically), each in the order of the expe
 grid's ``setting`` / ``compressor`` / ``model`` lists, read from results.json's ``sweep`` or the job's
 ``.hydra/hydra.yaml``), then by name stem, size (largest first) and name. For the paper's grid that is
 Table 1's order.
+
+Runs are pooled as the seeds of one row only when their run identity (the resolved config minus paths and
+logging, ``experiment.identity_payload``) agrees once the seed is set aside. Runs of one table whose
+configs differ beyond the setting (compressor, model, objective) and the seed are never pooled and never
+compared with each other: every row of such a table carries the differing keys, e.g.
+``pr40 {trainer.max_epochs=1}``, and is compared with the base and the control of the same configuration.
+
+A results.json that cannot be read (garbage, ``null``, truncated, a completed record without its run
+fields) becomes one ``unreadable`` row and one line in ``Collection.problems``; the rest of the report is
+written.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
@@ -26,9 +37,10 @@ from typing import Any, Iterable
 import pandas as pd
 
 from subgroup_robustness.data.groups import PRIMARY
-from subgroup_robustness.results import RESULTS_FILE
+from subgroup_robustness.report import selection as sel
+from subgroup_robustness.results import RESULTS_FILE, read_record
 from subgroup_robustness.utils.errors import UserError
-from subgroup_robustness.utils.io import read_json
+from subgroup_robustness.utils.io import stable_hash
 
 BASE = "base"
 # the family of a distilled checkpoint fine-tuned as is (the paper's KD rows)
@@ -36,6 +48,12 @@ CHECKPOINT_FAMILY = "distillation"
 KEY = ["experiment", "dataset", "setting", "seed"]
 # the sweeper lists a grid's rows come from, in this order of precedence (conf/experiment/*.yaml)
 SWEEP_KEYS = ("setting", "compressor", "model")
+# config keys that never separate two runs' rows (as for the job folders: they do not change a result)
+POOL_IGNORED = ("tags", "data.num_workers", "trainer.devices", "trainer.accelerator")
+# config sections a row's label already names: a setting's base and control differ from it only there
+ROW_SECTIONS = ("compressor", "model", "objective")
+# how many differing keys a row label shows (all of them are in runs.csv / summary.csv `variant`)
+VARIANT_SHOWN = 3
 
 
 class NoResultsError(UserError):
@@ -46,21 +64,61 @@ class NoResultsError(UserError):
 class Collection:
     runs: pd.DataFrame                      # one row per results.json, every status; `used` marks the rows
     records: dict[str, dict[str, Any]] = field(default_factory=dict)  # run dir -> results.json
+    problems: list[str] = field(default_factory=list)  # one line per file skipped (or used only in part)
+    selection: str | None = None            # the selection rule re-applied (None: each run's own)
+    reselected: dict[str, sel.Reselection] = field(default_factory=dict)  # run dir -> its selection
+    # (experiment, dataset, setting) -> {"base": [(seed, run dir, base dir)], "control": [...]} (summarize)
+    pairs: dict[tuple, dict[str, list[tuple[Any, str, str]]]] = field(default_factory=dict)
+    _predictions: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def completed(self) -> pd.DataFrame:
         return self.runs[(self.runs["status"] == "completed") & self.runs["used"]]
 
+    def problem(self, line: str) -> None:
+        if line not in self.problems:
+            self.problems.append(line)
+
+    def predictions(self, run_dir: str):
+        """The run's predictions.npz as ``significance.Predictions`` (cached), or None — a missing or corrupt
+        file is named once in ``problems`` and costs the run only its intervals, flips and exemplars."""
+        if run_dir in self._predictions:
+            return self._predictions[run_dir]
+        from subgroup_robustness.report.significance import load_predictions
+        from subgroup_robustness.results import PREDICTIONS_FILE
+
+        rec = self.records.get(run_dir) or {}
+        name = rec.get("predictions") if isinstance(rec.get("predictions"), str) else PREDICTIONS_FILE
+        path = Path(run_dir) / name
+        out = None
+        if not path.is_file():
+            self.problem(f"{path}: missing; the run counts without intervals, flips or exemplars")
+        else:
+            dataset_cfg = (rec.get("config") or {}).get("dataset") if isinstance(rec.get("config"), dict) else None
+            try:
+                out = load_predictions(path, dataset_cfg)
+            except Exception as exc:  # noqa: BLE001 - one bad file must not sink the report
+                self.problem(f"{path}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                             "the run counts without intervals, flips or exemplars")
+        self._predictions[run_dir] = out
+        return out
+
     def groups(self) -> pd.DataFrame:
-        """Long table of per-group test accuracy: experiment, dataset, setting, seed, group, acc, count."""
+        """Long table of per-group test accuracy: experiment, dataset, setting, seed, group, acc, count (the
+        re-selected epoch's accuracies where ``selection`` changed a run's epoch)."""
         rows = []
         for _, r in self.completed.iterrows():
-            res = ((self.records[r["dir"]].get("groups") or {}).get("test") or {}).get(PRIMARY) or {}
-            for g, acc in (res.get("acc") or {}).items():
+            res = _get(self.records[r["dir"]], "groups", "test", PRIMARY, default={})
+            res = res if isinstance(res, dict) else {}
+            accs = res.get("acc") if isinstance(res.get("acc"), dict) else {}
+            again = self.reselected.get(r["dir"])
+            if again is not None and again.changed:
+                accs = {g: again.test.get(f"test/acc/{g}", math.nan) for g in accs}
+            for g, acc in accs.items():
                 rows.append({**{k: r[k] for k in KEY}, "family": r["family"], "row_order": r["row_order"],
-                             "group": g, "acc": math.nan if acc is None else float(acc),
-                             "count": (res.get("count") or {}).get(g)})
-        return pd.DataFrame(rows, columns=[*KEY, "family", "row_order", "group", "acc", "count"])
+                             "degenerate": bool(r.get("degenerate", False)),
+                             "group": g, "acc": _num(acc), "count": (res.get("count") or {}).get(g)})
+        return pd.DataFrame(rows, columns=[*KEY, "family", "row_order", "degenerate", "group", "acc", "count"])
 
 
 def find_results(paths: Iterable[str | Path]) -> list[Path]:
@@ -91,14 +149,32 @@ def _num(x: Any) -> float:
         return math.nan
 
 
+def _code_label(code: Any) -> str:
+    """package version @ git commit (+dirty): the code a run was computed with ("unknown" for old records)."""
+    if not isinstance(code, dict) or not code:
+        return "unknown"
+    commit = code.get("git_commit")
+    return (f"{code.get('version') or '?'}@{str(commit)[:8] if commit else 'no-git'}"
+            + ("+dirty" if code.get("dirty") else ""))
+
+
 def run_row(path: Path, rec: dict[str, Any]) -> dict[str, Any]:
-    run = rec.get("run") or {}
+    run = rec.get("run") if isinstance(rec.get("run"), dict) else {}
     test, val = _get(rec, "metrics", "test", default={}), _get(rec, "metrics", "val", default={})
+    test, val = (test if isinstance(test, dict) else {}), (val if isinstance(val, dict) else {})
+    probe = _get(rec, "metrics", "probe", default={})
+    probe = probe if isinstance(probe, dict) else {}
     base_test = _get(rec, "base", "metrics", "test", default={})
+    base_test = base_test if isinstance(base_test, dict) else {}
     err = rec.get("error") or {}
+    err = err if isinstance(err, dict) else {"type": "error", "message": str(err)}
+    degenerate = rec.get("degenerate") if isinstance(rec.get("degenerate"), dict) else {}
+    reasons = degenerate.get("reasons") if isinstance(degenerate.get("reasons"), list) else []
+    control = _get(rec, "config", "compressor", "control")
+    own = sel.own_phase(rec)
     return {
         "dir": str(path.parent),
-        "status": rec.get("status", "unknown"),
+        "status": rec.get("status", "unknown") if isinstance(rec.get("status"), str) else "unknown",
         "experiment": run.get("experiment", "default"),
         "dataset": run.get("dataset"),
         "model": run.get("model"),
@@ -113,15 +189,143 @@ def run_row(path: Path, rec: dict[str, Any]) -> dict[str, Any]:
         "val_acc_avg": _num(val.get("val/acc_avg")),
         "val_acc_wg": _num(val.get("val/acc_wg")),
         "worst_group": _get(rec, "groups", "test", PRIMARY, "worst_group"),
+        "acc_worst_class": _num(test.get("test/acc_worst_class")),
+        "acc_mean_group": _num(test.get("test/acc_mean_group")),
+        "acc_balanced": _num(test.get("test/acc_balanced")),
+        "ece": _num(test.get("test/ece")),
+        "flip_rate": _num(test.get("test/flip_rate")),
+        "flip_c2w": _num(test.get("test/flip_c2w")),
+        "flip_w2c": _num(test.get("test/flip_w2c")),
+        "kl": _num(test.get("test/kl")),
+        "probe_acc_avg": _num(probe.get("probe/acc_avg")),
+        "probe_acc_wg": _num(probe.get("probe/acc_wg")),
+        "degenerate": bool(degenerate.get("degenerate", False)),
+        "degenerate_reasons": "; ".join(map(str, reasons)),
+        "control": control if isinstance(control, str) and control else None,
+        "monitor": (own or {}).get("monitor"),
+        "history": bool(own and own.get("history")),
         "base_acc_avg": _num(base_test.get("test/acc_avg")),
         "base_acc_wg": _num(base_test.get("test/acc_wg")),
         "seconds": _num(_get(rec, "timing", "total")),
         "started": rec.get("started"),
         "finished": rec.get("finished"),
         "error": f"{err.get('type', '')}: {err.get('message', '')}" if err else None,
-        "predictions": str(path.parent / rec["predictions"]) if rec.get("predictions") else None,
+        "predictions": str(path.parent / rec["predictions"]) if isinstance(rec.get("predictions"), str) else None,
         "run_id": rec.get("run_id"),
+        "code": _code_label(rec.get("code")),
     }
+
+
+def _usable(row: dict[str, Any]) -> str | None:
+    """Why a completed record cannot be a row of a table (None: it can)."""
+    missing = [k for k in ("dataset", "model", "compressor") if not isinstance(row.get(k), str)]
+    seed = row.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, (int, float)) or (isinstance(seed, float) and not seed.is_integer()):
+        missing.append("seed")
+    return f"a completed record without run.{', run.'.join(missing)}" if missing else None
+
+
+# ---- run identity: which runs may be pooled ------------------------------------------------------------
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d} if prefix else {}
+
+
+def identity(rec: dict[str, Any]) -> dict[str, str] | None:
+    """The run's identity minus its seed, flattened (dotted key -> JSON value); None without a config.
+
+    ``experiment.identity_payload`` (the resolved config minus paths, logging and measurement), without the
+    keys that never separate two runs (``POOL_IGNORED``), ``data.dataset`` when it repeats ``dataset``, and
+    the seed: ``seed`` itself, and every ``*.seed`` key holding the run's seed (``data.seed: ${seed}``)."""
+    cfg = rec.get("config")
+    if not isinstance(cfg, dict) or not cfg:
+        return None
+    from subgroup_robustness.experiment import identity_payload
+
+    payload = identity_payload(cfg)
+    data = payload.get("data")
+    if isinstance(data, dict) and "dataset" in data and data.get("dataset") == payload.get("dataset"):
+        payload = {**payload, "data": {k: v for k, v in data.items() if k != "dataset"}}
+    seed = _get(rec, "run", "seed", default=cfg.get("seed"))
+    out: dict[str, str] = {}
+    for key, value in _flatten(payload).items():
+        if key == "seed" or any(key == p or key.startswith(p + ".") for p in POOL_IGNORED):
+            continue
+        if key.rsplit(".", 1)[-1] == "seed" and value == seed and not isinstance(value, bool):
+            value = "<seed>"
+        out[key] = json.dumps(value, sort_keys=True, default=str)
+    return out
+
+
+def _context(flat: dict[str, str] | None) -> dict[str, str] | None:
+    """What a run shares with its base and its control: the identity without the sections a label names."""
+    if flat is None:
+        return None
+    return {k: v for k, v in flat.items() if not any(k == s or k.startswith(s + ".") for s in ROW_SECTIONS)}
+
+
+def _model_part(flat: dict[str, str] | None) -> dict[str, str]:
+    return {k: v for k, v in (flat or {}).items() if k == "model" or k.startswith("model.")}
+
+
+def _differing(flats: list[dict[str, str]]) -> list[str]:
+    keys = sorted(set().union(*flats)) if flats else []
+    return [k for k in keys if len({f.get(k, "<absent>") for f in flats}) > 1]
+
+
+def _shown(value: str) -> str:
+    try:
+        v = json.loads(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def _variant(flat: dict[str, str] | None, keys: list[str]) -> str:
+    if flat is None:
+        return "config not recorded"
+    return ", ".join(f"{k}={_shown(flat[k]) if k in flat else '<absent>'}" for k in keys)
+
+
+def _short(variant: str, keys: list[str], flat: dict[str, str] | None) -> str:
+    if flat is None or len(keys) <= VARIANT_SHOWN:
+        return variant
+    return _variant(flat, keys[:VARIANT_SHOWN]) + f", +{len(keys) - VARIANT_SHOWN} more"
+
+
+def assign_variants(runs: pd.DataFrame, flats: dict[str, dict[str, str] | None]) -> pd.DataFrame:
+    """Columns ``context`` / ``identity`` (hashes), ``model_id`` and ``variant`` (the keys that set a run apart
+    from the other runs of its table, as ``key=value``), and the row label ``setting`` (``pr40 {key=value}``
+    when the table has more than one configuration). Only completed runs are considered."""
+    runs = runs.copy()
+    flat_of = [flats.get(d) for d in runs["dir"]]
+    runs["identity"] = ["" if f is None else stable_hash(f, 12) for f in flat_of]
+    runs["context"] = ["" if f is None else stable_hash(_context(f), 12) for f in flat_of]
+    runs["model_id"] = [stable_hash(_model_part(f), 12) for f in flat_of]
+    runs["setting_name"] = runs["setting"]
+    runs["variant"] = ""
+    done = runs[(runs["status"] == "completed")]
+    for _, table in done.groupby(["experiment", "dataset"], sort=False):
+        contexts = {c: _context(flats.get(d)) for c, d in zip(table["context"], table["dir"])}
+        ctx_keys = _differing([c for c in contexts.values() if c is not None]) if len(contexts) > 1 else []
+        no_config = len(contexts) > 1 and any(c is None for c in contexts.values())
+        for _, part in table.groupby("setting", sort=False):
+            ids = {i: flats.get(d) for i, d in zip(part["identity"], part["dir"])}
+            own_keys = _differing([f for f in ids.values() if f is not None]) if len(ids) > 1 else []
+            keys = list(dict.fromkeys([*ctx_keys, *own_keys]))
+            if not keys and not (no_config or (len(ids) > 1 and any(f is None for f in ids.values()))):
+                continue
+            for i, r in part.iterrows():
+                flat = flats.get(r["dir"])
+                full = _variant(flat, keys)
+                runs.at[i, "variant"] = full
+                if full:
+                    runs.at[i, "setting"] = f"{r['setting']} {{{_short(full, keys, flat)}}}"
+    return runs
 
 
 def reference_models(runs: pd.DataFrame) -> dict[tuple[str, str], str]:
@@ -160,6 +364,15 @@ def base_label(row: pd.Series, reference: str | None) -> str:
         return "?"
     model = row["model"] if row["compressor"] != "none" else reference
     return label(pd.Series({**row.to_dict(), "model": model, "compressor": "none"}), reference)[0]
+
+
+def control_label(row: pd.Series, reference: str | None) -> str | None:
+    """The row of the run's matched-compute control (``config.compressor.control``: refit, vtc, distill_ce),
+    on the same model and objective; None when the setting declares none."""
+    control = row.get("control")
+    if not isinstance(control, str) or not control or not isinstance(row["compressor"], str):
+        return None
+    return label(pd.Series({**row.to_dict(), "compressor": control}), reference)[0]
 
 
 # ---- row order ---------------------------------------------------------------------------------------
@@ -201,19 +414,23 @@ def _natural(name: str) -> tuple:
 def row_order(runs: pd.DataFrame, sweeps: dict[str, list[str]]) -> pd.Series:
     """Each run's row position within its experiment (0 = first row). Per objective (ERM first): the
     ``base`` row, then families alphabetically; within a family the experiment's sweep list (``sweeps``:
-    experiment -> row names), then the name's stem (``pr`` of ``pr40``), size (largest first) and name."""
+    experiment -> row names), then the name's stem (``pr`` of ``pr40``), size (largest first) and name; rows
+    of one setting in several configurations (``variant``) next to each other."""
     exps = runs["experiment"].map(lambda e: e if isinstance(e, str) else "")  # unreadable runs have none
     settings = runs["setting"].map(str)
+    names = (runs["setting_name"] if "setting_name" in runs else runs["setting"]).map(str)
+    variants = runs["variant"].map(lambda v: v if isinstance(v, str) else "") if "variant" in runs else \
+        pd.Series("", index=runs.index)
     keys: dict[tuple[str, str], tuple] = {}
     for (exp, setting), part in runs.groupby([exps, settings], sort=False):
-        name, _, objective = setting.partition(" [")
+        name, _, objective = names[part.index[0]].partition(" [")
         family = str(part["family"].iloc[0])
         listed = sweeps.get(exp, [])
         size = pd.to_numeric(part["size_mb"], errors="coerce").mean()
         keys[(exp, setting)] = (name == "?", objective, family != "none", family,
                                 listed.index(name) if name in listed else len(listed),
                                 re.sub(r"\d+$", "", name), 0.0 if math.isnan(size) else -round(size, 3),
-                                _natural(name))
+                                _natural(name), variants[part.index[0]])
     rank: dict[tuple[str, str], int] = {}
     for exp in dict.fromkeys(e for e, _ in keys):
         ordered = sorted((k for k in keys if k[0] == exp), key=keys.__getitem__)
@@ -221,20 +438,42 @@ def row_order(runs: pd.DataFrame, sweeps: dict[str, list[str]]) -> pd.Series:
     return pd.Series([rank[k] for k in zip(exps, settings)], index=runs.index, dtype=int)
 
 
-def collect(paths: Iterable[str | Path] | str | Path) -> Collection:
+def _read(f: Path) -> tuple[dict[str, Any] | None, str | None]:
+    rec, problem = read_record(f)
+    if problem is None and rec is None:
+        problem = f"{f}: vanished while the report read it"
+    return rec, problem
+
+
+def collect(paths: Iterable[str | Path] | str | Path, selection: str | None = None) -> Collection:
+    """Every results.json under ``paths`` as one table. ``selection``: a validation rule (``val/acc_wg``) to
+    re-apply to every run's last fine-tuning from its history (``report.selection``); None: as run."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     files = find_results(paths)
-    rows, records = [], {}
+    rows, records, problems = [], {}, []
+    flats: dict[str, dict[str, str] | None] = {}
     sweeps: dict[Any, list[str]] = {}
     for f in files:
-        try:
-            rec = read_json(f)
-        except (OSError, ValueError) as exc:  # a half-copied file must not sink the report
-            rows.append({"dir": str(f.parent), "status": "unreadable", "error": f"{type(exc).__name__}: {exc}"})
+        rec, problem = _read(f)  # a half-copied, garbage or `null` file must not sink the report
+        row = None
+        if rec is not None:
+            try:
+                row = run_row(f, rec)
+                if row["status"] == "completed" and (why := _usable(row)):
+                    problem, row = f"{f}: {why}; skipped", None
+                elif row["status"] == "completed":
+                    row["seed"] = int(row["seed"])
+                    flats[row["dir"]] = identity(rec)
+            except Exception as exc:  # noqa: BLE001 - a record of the wrong shape: skipped, named
+                problem, row = f"{f}: unreadable record ({type(exc).__name__}: {exc}); skipped", None
+        if row is None:
+            problem = problem or f"{f}: unreadable; skipped"
+            problems.append(problem if problem.startswith(str(f)) else f"{f}: {problem}")
+            rows.append({"dir": str(f.parent), "status": "unreadable", "error": problem})
             continue
-        rows.append(run_row(f, rec))
+        rows.append(row)
         records[str(f.parent)] = rec
-        listed = sweeps.setdefault(rows[-1]["experiment"], [])
+        listed = sweeps.setdefault(row["experiment"], [])
         listed += [n for n in sweep_rows(f.parent, rec) if n not in listed]
     if not rows:
         raise NoResultsError(f"no {RESULTS_FILE} under {', '.join(map(str, paths))}; run a sweep first "
@@ -243,20 +482,37 @@ def collect(paths: Iterable[str | Path] | str | Path) -> Collection:
     for col in run_row(Path("x") / RESULTS_FILE, {}).keys():
         if col not in runs:
             runs[col] = None
+    runs["seed"] = pd.to_numeric(runs["seed"], errors="coerce").astype("Int64")
+    runs["degenerate"] = runs["degenerate"].fillna(False).astype(bool)
     refs = reference_models(runs[runs["status"] == "completed"])
     labels = [label(r, refs.get((r["experiment"], r["dataset"]))) for _, r in runs.iterrows()]
     runs["setting"] = [s for s, _ in labels]
     runs["family"] = [f for _, f in labels]
     runs["base_setting"] = [base_label(r, refs.get((r["experiment"], r["dataset"]))) for _, r in runs.iterrows()]
+    runs["control_setting"] = [control_label(r, refs.get((r["experiment"], r["dataset"]))) for _, r in runs.iterrows()]
     runs["reference_model"] = [refs.get((r["experiment"], r["dataset"])) for _, r in runs.iterrows()]
+    runs = assign_variants(runs, flats)
+    reselected: dict[str, sel.Reselection] = {}
+    runs["selected_epoch"], runs["selection"] = math.nan, None
+    runs["selection"] = runs["selection"].astype(object)
+    for i, r in runs[runs["status"] == "completed"].iterrows():
+        again = sel.reselect(records[r["dir"]], selection)
+        reselected[r["dir"]] = again
+        runs.at[i, "selected_epoch"] = again.epoch if again.epoch is not None else math.nan
+        runs.at[i, "selection"] = again.status
+        if again.changed:
+            runs.at[i, "acc_avg"] = again.test.get("test/acc_avg", math.nan)
+            runs.at[i, "acc_wg"] = again.test.get("test/acc_wg", math.nan)
     runs["used"] = _latest_completed(runs)
     runs["row_order"] = row_order(runs, sweeps)
-    order = ["status", "used", *KEY, "family", "row_order", "base_setting", "model", "compressor", "objective",
-             "size_mb", "params", "acc_avg", "acc_wg", "val_acc_avg", "val_acc_wg", "worst_group", "base_acc_avg",
-             "base_acc_wg", "seconds", "started", "finished", "error", "reference_model", "run_id", "predictions", "dir"]
+    order = ["status", "used", *KEY, "family", "row_order", "base_setting", "control_setting", "model", "compressor",
+             "objective", "size_mb", "params", "acc_avg", "acc_wg", "acc_worst_class", "flip_rate", "kl",
+             "probe_acc_wg", "degenerate", "degenerate_reasons", "val_acc_avg", "val_acc_wg", "worst_group",
+             "base_acc_avg", "base_acc_wg", "selection", "selected_epoch", "monitor", "variant", "code", "seconds",
+             "started", "finished", "error", "reference_model", "run_id", "identity", "context", "predictions", "dir"]
     runs = runs[order + [c for c in runs.columns if c not in order]]
     return Collection(runs=runs.sort_values([*KEY, "dir"], na_position="last").reset_index(drop=True),
-                      records=records)
+                      records=records, problems=problems, selection=selection, reselected=reselected)
 
 
 def _latest_completed(runs: pd.DataFrame) -> pd.Series:

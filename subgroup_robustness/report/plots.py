@@ -1,6 +1,11 @@
 """The paper's figures: worst-group accuracy against model size, coloured by compression family, and a
 heatmap of per-group accuracy by setting. Figures are built without pyplot, so they render headless and
-in a notebook alike; each function returns the Figure and saves a PNG when given a path."""
+in a notebook alike; each function returns the Figure and saves a PNG when given a path.
+
+Degenerate rows (a broken model, not a finding) are drawn hollow and marked † in the heatmap. Error bars
+(± std over seeds) are clipped to [0, 100] %. Point labels never overlap one another, the points or the
+axes' edge: each is placed at the first free spot on rings around its point (``place_labels``), with a
+leader line when it had to move away; matplotlib only."""
 
 from __future__ import annotations
 
@@ -9,8 +14,10 @@ import zlib
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.transforms import Bbox
 
 # the paper's families keep the colours of its figures; any other family gets one from PALETTE, picked by
 # a hash of its name (the same colour in every figure), so a new compressor family needs no entry here
@@ -54,27 +61,130 @@ def _save(fig: Figure, path: str | Path | None) -> Figure:
     return fig
 
 
+def clipped_yerr(mean: pd.Series, std: pd.Series, lo: float = 0.0, hi: float = 100.0) -> np.ndarray:
+    """(2, N) asymmetric error bars of ± std that stay within [lo, hi] (a missing std draws none)."""
+    m = np.asarray(mean, float)
+    s = np.nan_to_num(np.asarray(std, float), nan=0.0)
+    return np.stack([np.clip(np.minimum(s, m - lo), 0, None), np.clip(np.minimum(s, hi - m), 0, None)])
+
+
+def _canvas(fig: Figure):
+    """An Agg canvas for a pyplot-free figure, so text sizes can be measured before saving."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    return fig.canvas.get_renderer()
+
+
+# label offsets around a point, in units of the label's height (dx, dy), tried ring by ring
+_DIRECTIONS = [(1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1),
+               (1, 2), (-1, 2), (1, -2), (-1, -2), (2, 1), (-2, 1), (2, -1), (-2, -1)]
+
+
+def place_labels(ax, xs: Iterable[float], ys: Iterable[float], labels: Iterable[str], fontsize: float = 7,
+                 marker_px: float = 6.0, rings: int = 12) -> list:
+    """Annotate each point (data coordinates) with its label so that no two labels overlap, no label covers
+    a point, and every label stays inside the axes; a label placed away from its point gets a thin leader
+    line. The axes' limits must be final. Returns the annotations."""
+    renderer = _canvas(ax.figure)
+    to_px = ax.transData.transform
+    pts = [(float(x), float(y), str(t)) for x, y, t in zip(xs, ys, labels) if not (math.isnan(x) or math.isnan(y))]
+    px = [to_px((x, y)) for x, y, _ in pts]
+    frame = ax.get_window_extent(renderer)
+    pad = 2.0
+    taken = [Bbox.from_extents(p[0] - marker_px, p[1] - marker_px, p[0] + marker_px, p[1] + marker_px) for p in px]
+    out = []
+    # the most crowded points first: they have the fewest free spots
+    crowd = [sum(1 for q in px if abs(q[0] - p[0]) < 60 and abs(q[1] - p[1]) < 30) for p in px]
+    for i in sorted(range(len(pts)), key=lambda k: (-crowd[k], k)):
+        x, y, text = pts[i]
+        probe = ax.text(0, 0, text, fontsize=fontsize)
+        ext = probe.get_window_extent(renderer)
+        probe.remove()
+        w, h = ext.width, ext.height
+        cx, cy = px[i]
+        best, best_cost, found = None, math.inf, False
+        sx, sy = w / 2 + pad, h + pad
+        for ring in range(rings):
+            for dx, dy in _DIRECTIONS:
+                if dx > 0:
+                    left = cx + marker_px / 2 + pad + ring * sx * dx
+                elif dx < 0:
+                    left = cx - marker_px / 2 - pad - w - ring * sx * -dx
+                else:
+                    left = cx - w / 2
+                near = marker_px / 2 if dx else marker_px + pad
+                if dy > 0:
+                    bottom = cy + near + ring * sy * dy - (h / 2 if dx and ring == 0 and dy == 1 else 0)
+                elif dy < 0:
+                    bottom = cy - near - h - ring * sy * -dy + (h / 2 if dx and ring == 0 and dy == -1 else 0)
+                else:
+                    bottom = cy - h / 2
+                box = Bbox.from_extents(left - pad / 2, bottom - pad / 2, left + w + pad / 2, bottom + h + pad / 2)
+                inside = box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0 and box.y1 <= frame.y1
+                overlap = sum(_overlap(box, t) for t in taken)
+                if overlap == 0 and inside:  # the first free spot, nearest ring first
+                    best, found = (left, bottom, box), True
+                    break
+                cost = overlap + (0.0 if inside else 1e9)
+                if cost < best_cost:  # else the least overlap (an impossibly crowded figure)
+                    best, best_cost = (left, bottom, box), cost
+            if found:
+                break
+        left, bottom, box = best
+        taken.append(box)
+        far = math.hypot(box.x0 + box.width / 2 - cx, box.y0 + box.height / 2 - cy) > 2.5 * (h + marker_px)
+        inv = ax.transData.inverted()
+        tx, ty = inv.transform((left, bottom))
+        ann = ax.annotate(text, (x, y), xytext=(tx, ty), textcoords="data", fontsize=fontsize, ha="left",
+                          va="bottom", annotation_clip=False,
+                          arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5", shrinkA=0, shrinkB=3) if far else None)
+        out.append(ann)
+    return out
+
+
+def _overlap(a: Bbox, b: Bbox) -> float:
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
+
+
 def wga_vs_size(summary: pd.DataFrame, title: str = "", path: str | Path | None = None) -> Figure:
-    """One dataset's settings: mean worst-group accuracy (± std over seeds) against size in MB."""
-    fig = Figure(figsize=(7.5, 5))
+    """One dataset's settings: mean worst-group accuracy (± std over seeds, clipped to [0, 100]) against size
+    in MB; degenerate rows hollow; labels placed without overlaps."""
+    fig = Figure(figsize=(8.5, 5.5))
     ax = fig.add_subplot()
     colors = family_colors(summary["family"])
+    degenerate = summary["degenerate"].astype(bool) if "degenerate" in summary else pd.Series(False, index=summary.index)
     for fam, part in summary.groupby("family"):
-        yerr = (100 * part["acc_wg_std"]).fillna(0)
-        ax.errorbar(part["size_mb"], 100 * part["acc_wg_mean"], yerr=yerr, fmt="*" if fam == "none" else "o",
-                    ms=12 if fam == "none" else 7, color=colors[fam], label="uncompressed" if fam == "none" else fam, capsize=3, lw=1)
-        for _, r in part.iterrows():
-            if not math.isnan(r["acc_wg_mean"]):
-                ax.annotate(r["setting"], (r["size_mb"], 100 * r["acc_wg_mean"]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=7)
-    base = summary[summary["setting"] == "base"]
-    if len(base):
-        ax.axhline(100 * base["acc_wg_mean"].iloc[0], color="black", ls="--", lw=0.8, alpha=0.6)
+        for hollow in (False, True):
+            sub = part[degenerate[part.index] == hollow]
+            if not len(sub):
+                continue
+            mean = 100 * sub["acc_wg_mean"]
+            ax.errorbar(sub["size_mb"], mean, yerr=clipped_yerr(mean, 100 * sub["acc_wg_std"]),
+                        fmt="*" if fam == "none" else "o", ms=12 if fam == "none" else 7, color=colors[fam],
+                        mfc="none" if hollow else colors[fam], mew=1.3,
+                        label=None if hollow else ("uncompressed" if fam == "none" else fam), capsize=3, lw=1)
+    if degenerate.any():
+        ax.plot([], [], "o", mfc="none", color="0.3", label="degenerate (hollow, never ranked)")
+    names = summary["setting_name"] if "setting_name" in summary else summary["setting"]
+    for _, r in summary[names == "base"].iterrows():
+        ax.axhline(100 * r["acc_wg_mean"], color="black", ls="--", lw=0.8, alpha=0.6)
     ax.set_xlabel("model size (MB, serialized state dict)")
     ax.set_ylabel("worst-group accuracy (%)")
     ax.set_title(title or "worst-group accuracy vs model size")
     ax.grid(alpha=0.3)
-    ax.legend(title="family", fontsize=8)
+    ax.margins(x=0.12, y=0.15)
+    ax.autoscale_view()
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(max(lo, -5.0), min(hi, 105.0))
+    ax.set_xlim(*ax.get_xlim())
+    ax.legend(title="family", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.subplots_adjust(right=0.74)
+    place_labels(ax, summary["size_mb"], 100 * summary["acc_wg_mean"],
+                 [s + (" †" if d else "") for s, d in zip(summary["setting"], degenerate)])
     return _save(fig, path)
 
 
@@ -84,6 +194,7 @@ def group_heatmap(groups: pd.DataFrame, title: str = "", path: str | Path | None
     table = groups.pivot_table(index="setting", columns="group", values="acc", aggfunc="mean", sort=False)
     order = groups.groupby("setting")["row_order"].min() if "row_order" in groups else None
     table = table.loc[_row_sorted(table.index, order)]
+    flagged = set(groups.loc[groups["degenerate"].astype(bool), "setting"]) if "degenerate" in groups else set()
     group_order = list(dict.fromkeys(groups["group"]))
     table = table[[g for g in group_order if g in table.columns]]
     n_rows, n_cols = table.shape
@@ -91,7 +202,7 @@ def group_heatmap(groups: pd.DataFrame, title: str = "", path: str | Path | None
     ax = fig.add_subplot()
     im = ax.imshow(100 * table.to_numpy(dtype=float), cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(n_cols), labels=list(table.columns), rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(n_rows), labels=list(table.index), fontsize=8)
+    ax.set_yticks(range(n_rows), labels=[f"{s} †" if s in flagged else s for s in table.index], fontsize=8)
     for i in range(n_rows):
         for j in range(n_cols):
             v = table.iat[i, j]
@@ -99,6 +210,8 @@ def group_heatmap(groups: pd.DataFrame, title: str = "", path: str | Path | None
                 ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, label="test accuracy (%)")
     ax.set_title(title or "per-group accuracy by setting")
+    if flagged:
+        ax.set_xlabel("† degenerate (a broken model, not a finding)", fontsize=8)
     return _save(fig, path)
 
 

@@ -33,15 +33,29 @@ class Predictions:
     correct: np.ndarray            # bool (N,)
     masks: np.ndarray | None       # bool (N, G) primary-group membership, None without metadata
     group_names: list[str]
+    label: np.ndarray | None = None  # (N,) true class
+    pred: np.ndarray | None = None   # (N,) predicted class
+    probs: np.ndarray | None = None  # (N, C) class probabilities (float16 on disk), when saved
+    metadata: np.ndarray | None = None  # (N, K) label and attribute values (the dataset's metadata columns)
 
 
 def load_predictions(path: str | Path, dataset_cfg: Mapping | None) -> Predictions:
-    """predictions.npz -> correctness and primary-group masks (recomputed from the dataset config)."""
+    """predictions.npz -> correctness and primary-group masks (recomputed from the dataset config).
+    Raises ValueError for a file that is not a predictions.npz (missing arrays, ragged lengths)."""
     from subgroup_robustness.data.groups import PRIMARY, build_groupings
 
     z = read_predictions(path)
-    index, label, pred = z["index"], z["label"], z["pred"]
-    meta = z.get("metadata")
+    missing = [k for k in ("index", "label", "pred") if k not in z]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)} array in {path}")
+    index, label, pred = (np.asarray(z[k]).reshape(-1) for k in ("index", "label", "pred"))
+    meta, probs = z.get("metadata"), z.get("probs")
+    if not len(index) == len(label) == len(pred):
+        raise ValueError(f"index/label/pred of different lengths ({len(index)}/{len(label)}/{len(pred)}) in {path}")
+    if meta is not None and len(meta) != len(index):
+        raise ValueError(f"metadata has {len(meta)} rows for {len(index)} predictions in {path}")
+    if probs is not None and (probs.ndim != 2 or len(probs) != len(index)):
+        probs = None  # unusable probabilities cost only KL; the predictions stand
     columns = [str(c) for c in z["metadata_columns"]] if "metadata_columns" in z else None
     masks, names = None, []
     if meta is not None and dataset_cfg is not None:
@@ -51,7 +65,8 @@ def load_predictions(path: str | Path, dataset_cfg: Mapping | None) -> Predictio
         if columns is None or columns == list(grouping.columns):
             masks = grouping.masks(torch.as_tensor(meta.astype(np.int64))).numpy()
             names = list(grouping.group_names)
-    return Predictions(index=index, correct=label == pred, masks=masks, group_names=names)
+    return Predictions(index=index, correct=label == pred, masks=masks, group_names=names, label=label, pred=pred,
+                       probs=probs, metadata=None if meta is None else np.asarray(meta).astype(np.int64))
 
 
 # ---- the bootstrap ------------------------------------------------------------------------------------

@@ -1,8 +1,17 @@
-"""The paper's tables from a collection of runs: per setting, size, parameters, average and worst-group
-accuracy as mean ± std over seeds (sample std, ddof=1), and the change against the base with a
-bootstrap interval (marked * when it excludes zero); plus a Table-1-style size table. Rows come in the
-collection's ``row_order`` (see ``collect.row_order``: derived from the runs, Table 1's order for the paper's
-grid)."""
+"""The paper's tables from a collection of runs: per setting, size, parameters, average, worst-group and
+worst-class accuracy as mean ± std over seeds (sample std, ddof=1); the change against the base **and**
+against the setting's matched-compute control (``config.compressor.control``: refit, vtc, distill_ce),
+each with a paired bootstrap interval (marked * when it excludes zero); prediction flips and KL against the
+base; the DFR probe's worst-group accuracy when a run has one; plus a Table-1-style size table. Rows come
+in the collection's ``row_order`` (see ``collect.row_order``: derived from the runs, Table 1's order for
+the paper's grid).
+
+Flags, with their footnotes under every table:
+- ``†`` degenerate runs (``results.json: degenerate``, e.g. one predicted class): shown, never ranked;
+- ``‡`` rows whose epoch was re-picked with another selection rule (``--selection``);
+- ``{key=value}`` rows whose configuration differs from the table's other rows beyond setting and seed
+  (never pooled, compared only with the base and control of the same configuration).
+"""
 
 from __future__ import annotations
 
@@ -14,116 +23,258 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from subgroup_robustness.report import selection as sel
 from subgroup_robustness.report import significance as sig
 from subgroup_robustness.report.collect import BASE, Collection
 
+DEGENERATE_MARK = "†"
+RESELECTED_MARK = "‡"
+NOT_RUN = "control not run"
+# per-run metrics averaged over a row's seeds (summary.csv: <name>_mean, <name>_std)
+ROW_METRICS = ("acc_avg", "acc_wg", "acc_worst_class", "acc_mean_group", "acc_balanced", "ece", "flip_rate",
+               "flip_c2w", "flip_w2c", "kl", "probe_acc_avg", "probe_acc_wg")
+
+
 def _std(x: pd.Series) -> float:
+    x = pd.to_numeric(pd.Series(x), errors="coerce")
     return float(x.std(ddof=1)) if x.notna().sum() > 1 else math.nan
+
+
+def _mean(x: pd.Series) -> float:
+    x = pd.to_numeric(pd.Series(x), errors="coerce")
+    return float(x.mean()) if x.notna().any() else math.nan
+
+
+def _partner_index(done: pd.DataFrame) -> dict[tuple, list[pd.Series]]:
+    """(experiment, dataset, setting name, context, seed) -> completed runs: where a run finds its base and
+    its control (same configuration apart from what the label names, same seed)."""
+    index: dict[tuple, list[pd.Series]] = {}
+    for _, r in done.iterrows():
+        index.setdefault((r["experiment"], r["dataset"], r["setting_name"], r["context"], int(r["seed"])), []).append(r)
+    return index
+
+
+def _partner(index: dict[tuple, list[pd.Series]], r: pd.Series, name: str | None) -> pd.Series | None:
+    if not isinstance(name, str):
+        return None
+    cands = index.get((r["experiment"], r["dataset"], name, r["context"], int(r["seed"]))) or []
+    same_model = [c for c in cands if c["model_id"] == r["model_id"]]
+    return (same_model or cands or [None])[0]
+
+
+def _compare(col: Collection, part: pd.DataFrame, ref_name: str | None, index: dict, *, kind: str, prefix: str,
+             n_boot: int, seed: int, confidence: float, fallback: bool) -> tuple[dict[str, Any], list[dict], list]:
+    """Δ (this row − reference) per seed and across seeds, with intervals. ``kind``: base | control.
+    Returns (summary fields, per-seed significance rows, [(seed, run dir, reference dir)])."""
+    d_avg, d_wg, pairs, matched, ref_labels = [], [], [], [], []
+    reselected = False
+    flags: dict[int, list[str]] = {}
+    for _, r in part.iterrows():
+        ref = _partner(index, r, ref_name)
+        s = int(r["seed"])
+        if ref is not None and ref["dir"] != r["dir"]:
+            d_avg.append(r["acc_avg"] - ref["acc_avg"])
+            d_wg.append(r["acc_wg"] - ref["acc_wg"])
+            matched.append((s, r["dir"], ref["dir"]))
+            ref_labels.append(ref["setting"])
+            flags[s] = ([f"degenerate: {r['degenerate_reasons']}"] if r["degenerate"] else []) + \
+                ([f"{kind} degenerate: {ref['degenerate_reasons']}"] if ref["degenerate"] else [])
+            again = [col.reselected.get(d) for d in (r["dir"], ref["dir"])]
+            if any(a is not None and a.changed for a in again):
+                reselected = True  # that epoch's predictions are not saved: no interval
+                continue
+            pa, pb = col.predictions(r["dir"]), col.predictions(ref["dir"])
+            if pa is not None and pb is not None:
+                pairs.append((s, pa, pb))
+        elif fallback and ref is None and not math.isnan(r["base_acc_avg"]) and not (
+                col.reselected.get(r["dir"]) is not None and col.reselected[r["dir"]].changed):
+            # the cached base's own metrics (recorded in the run): a point Δ, no interval
+            d_avg.append(r["acc_avg"] - r["base_acc_avg"])
+            d_wg.append(r["acc_wg"] - r["base_acc_wg"])
+    p = prefix
+    out: dict[str, Any] = {
+        f"{p}_avg_mean": float(np.mean(d_avg)) if d_avg else math.nan, f"{p}_avg_std": _std(d_avg),
+        f"{p}_wg_mean": float(np.mean(d_wg)) if d_wg else math.nan, f"{p}_wg_std": _std(d_wg),
+        **{f"{p}_{m}_{k}": math.nan for m in ("avg", "wg") for k in ("lo", "hi")},
+        f"{p}_avg_sig": False, f"{p}_wg_sig": False,
+        f"{p}_matched": len(matched), f"{p}_n": len(d_avg), f"{p}_ci_seeds": 0,
+        f"{p}_label": ref_labels[0] if ref_labels else "",
+    }
+    rows: list[dict[str, Any]] = []
+    if pairs and not reselected:
+        res = sig.compare(pairs, n_boot=n_boot, seed=seed, confidence=confidence)
+        for s_row in res["per_seed"]:
+            notes = [n for n in (s_row.pop("note", None), *flags.get(int(s_row["seed"]), [])) if n]
+            rows.append({"against": kind, "reference": ref_labels[0], **s_row,
+                         "degenerate": any("degenerate" in n for n in notes), "note": "; ".join(notes)})
+        if res["across"]:
+            a = res["across"]
+            out.update({f"{p}_{m}_{k}": a[f"d_{m}_{k}"] for m in ("avg", "wg") for k in ("lo", "hi", "sig")})
+            out[f"{p}_ci_seeds"] = a["seeds"]
+    return out, rows, matched
 
 
 def summarize(col: Collection, n_boot: int = 2000, seed: int = 0,
               confidence: float = sig.CONFIDENCE) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(summary: one row per experiment/dataset/setting, per-seed significance rows)."""
+    """(summary: one row per experiment/dataset/setting, per-seed significance rows). Fills ``col.pairs``."""
     done = col.completed
+    index = _partner_index(done)
     rows, seed_rows = [], []
-    pred_cache: dict[str, Any] = {}
-
-    def preds(r: pd.Series):
-        if not r["predictions"] or not Path(r["predictions"]).exists():
-            return None
-        if r["dir"] not in pred_cache:
-            dataset_cfg = (col.records[r["dir"]].get("config") or {}).get("dataset")
-            try:
-                pred_cache[r["dir"]] = sig.load_predictions(r["predictions"], dataset_cfg)
-            except Exception:  # noqa: BLE001 - an unreadable file only costs this run its interval
-                pred_cache[r["dir"]] = None
-        return pred_cache[r["dir"]]
-
     for (exp, ds, setting), part in done.groupby(["experiment", "dataset", "setting"], sort=False):
+        first = part.iloc[0]
         row: dict[str, Any] = {
-            "experiment": exp, "dataset": ds, "setting": setting, "family": part["family"].iloc[0],
-            "row_order": int(part["row_order"].iloc[0]),
-            "model": part["model"].iloc[0], "compressor": part["compressor"].iloc[0],
-            "seeds": int(part["seed"].nunique()), "seed_list": ",".join(map(str, sorted(part["seed"].unique()))),
-            "size_mb": float(part["size_mb"].mean()), "params": float(part["params"].mean()),
-            "acc_avg_mean": float(part["acc_avg"].mean()), "acc_avg_std": _std(part["acc_avg"]),
-            "acc_wg_mean": float(part["acc_wg"].mean()), "acc_wg_std": _std(part["acc_wg"]),
+            "experiment": exp, "dataset": ds, "setting": setting, "setting_name": first["setting_name"],
+            "variant": first["variant"] or "", "family": first["family"], "row_order": int(part["row_order"].iloc[0]),
+            "model": first["model"], "compressor": first["compressor"],
+            "seeds": int(part["seed"].nunique()), "seed_list": ",".join(map(str, sorted(int(s) for s in part["seed"].unique()))),
+            "size_mb": _mean(part["size_mb"]), "params": _mean(part["params"]),
         }
-        bname = part["base_setting"].iloc[0]
-        bases = done[(done["experiment"] == exp) & (done["dataset"] == ds) & (done["setting"] == bname)]
-        bases = bases.set_index("seed")
-        d_avg, d_wg, pairs = [], [], []
-        if setting != bname:
-            for _, r in part.iterrows():
-                if r["seed"] in bases.index:
-                    b = bases.loc[r["seed"]]
-                    d_avg.append(r["acc_avg"] - b["acc_avg"])
-                    d_wg.append(r["acc_wg"] - b["acc_wg"])
-                    pa, pb = preds(r), preds(b)
-                    if pa is not None and pb is not None:
-                        pairs.append((int(r["seed"]), pa, pb))
-                elif not math.isnan(r["base_acc_avg"]):  # the cached base's own metrics: no interval
-                    d_avg.append(r["acc_avg"] - r["base_acc_avg"])
-                    d_wg.append(r["acc_wg"] - r["base_acc_wg"])
-        row.update(base=bname if setting != bname else "",
-                   base_seeds=len(d_avg),
-                   d_avg_mean=float(np.mean(d_avg)) if d_avg else math.nan, d_avg_std=_std(pd.Series(d_avg, dtype=float)),
-                   d_wg_mean=float(np.mean(d_wg)) if d_wg else math.nan, d_wg_std=_std(pd.Series(d_wg, dtype=float)))
-        ci = {f"{m}_{k}": math.nan for m in ("d_avg", "d_wg") for k in ("lo", "hi")}
-        ci.update(d_avg_sig=False, d_wg_sig=False, ci_seeds=0)
-        if pairs:
-            res = sig.compare(pairs, n_boot=n_boot, seed=seed, confidence=confidence)
-            for s in res["per_seed"]:
-                seed_rows.append({"experiment": exp, "dataset": ds, "setting": setting, "base": bname, **s})
-            if res["across"]:
-                a = res["across"]
-                ci.update({k: a[k] for k in ("d_avg_lo", "d_avg_hi", "d_avg_sig", "d_wg_lo", "d_wg_hi", "d_wg_sig")},
-                          ci_seeds=a["seeds"])
-        row.update(ci)
+        for m in ROW_METRICS:
+            row[f"{m}_mean"], row[f"{m}_std"] = _mean(part[m]), _std(part[m])
+        degenerate = part[part["degenerate"]]
+        row.update(degenerate=bool(len(degenerate)),
+                   degenerate_seeds=",".join(str(int(s)) for s in sorted(degenerate["seed"])),
+                   degenerate_note="; ".join(f"seed {int(r['seed'])}: {r['degenerate_reasons'] or 'flagged'}"
+                                             for _, r in degenerate.sort_values("seed").iterrows()),
+                   reselected=any(col.reselected[d].changed for d in part["dir"] if d in col.reselected),
+                   code=", ".join(sorted(set(part["code"].fillna("unknown")))))
+        bname = first["base_setting"]
+        is_base = first["setting_name"] == bname
+        base_fields, base_rows, base_pairs = _compare(
+            col, part, None if is_base else bname, index, kind="base", prefix="d", n_boot=n_boot, seed=seed,
+            confidence=confidence, fallback=not is_base)
+        row.update(base_fields)
+        row.update(base="" if is_base else (base_fields["d_label"] or bname), base_seeds=base_fields["d_n"],
+                   ci_seeds=base_fields["d_ci_seeds"])
+        cname = first["control_setting"] if isinstance(first["control_setting"], str) else None
+        control_fields, control_rows, control_pairs = _compare(
+            col, part, cname, index, kind="control", prefix="c", n_boot=n_boot, seed=seed + 7919,
+            confidence=confidence, fallback=False)
+        row.update(control_fields)
+        matched = control_fields["c_matched"]
+        row.update(control=first["control"] if cname else "",
+                   control_setting=(control_fields["c_label"] or cname) if cname else "",
+                   control_status="" if not cname else "not run" if matched == 0 else
+                   "partial" if matched < row["seeds"] else "ok",
+                   control_degenerate=bool(cname) and any(
+                       (ref := _partner(index, r, cname)) is not None and ref["degenerate"] for _, r in part.iterrows()),
+                   control_seeds=matched)
+        for r in (*base_rows, *control_rows):
+            seed_rows.append({"experiment": exp, "dataset": ds, "setting": setting, "base": row["base"], **r})
+        col.pairs[(exp, ds, setting)] = {"base": base_pairs, "control": control_pairs}
         rows.append(row)
     summary = pd.DataFrame(rows)
     if len(summary):
-        summary = summary.sort_values(["experiment", "dataset", "row_order"], kind="stable")
-        base_size = summary[summary["setting"] == BASE].set_index(["experiment", "dataset"])["size_mb"]
-        summary["size_vs_base"] = [r["size_mb"] / base_size.get((r["experiment"], r["dataset"]), math.nan)
-                                   for _, r in summary.iterrows()]
-    return summary.reset_index(drop=True), pd.DataFrame(seed_rows)
+        summary = summary.sort_values(["experiment", "dataset", "row_order"], kind="stable").reset_index(drop=True)
+        sizes = {(r["experiment"], r["dataset"], r["setting"]): r["size_mb"] for _, r in summary.iterrows()}
+        summary["size_vs_base"] = [
+            r["size_mb"] / sizes.get((r["experiment"], r["dataset"], r["base"] or r["setting"]), math.nan)
+            if (r["base"] or r["setting_name"] == BASE) else
+            r["size_mb"] / _first_base_size(summary, r) for _, r in summary.iterrows()]
+    per_seed = pd.DataFrame(seed_rows)
+    return summary.reset_index(drop=True), per_seed
+
+
+def _first_base_size(summary: pd.DataFrame, r: pd.Series) -> float:
+    base = summary[(summary["experiment"] == r["experiment"]) & (summary["dataset"] == r["dataset"])
+                   & (summary["setting_name"] == BASE)]
+    return float(base["size_mb"].iloc[0]) if len(base) else math.nan
 
 
 # ---- formatting --------------------------------------------------------------------------------------
+def _nan(x: Any) -> bool:
+    try:
+        return x is None or math.isnan(float(x))
+    except (TypeError, ValueError):
+        return True
+
+
 def pct(mean: float, std: float = math.nan) -> str:
-    if mean is None or math.isnan(mean):
+    if _nan(mean):
         return "—"
-    return f"{100 * mean:.2f}" + ("" if std is None or math.isnan(std) else f" ± {100 * std:.2f}")
+    return f"{100 * mean:.2f}" + ("" if _nan(std) else f" ± {100 * std:.2f}")
 
 
 def delta(mean: float, std: float = math.nan) -> str:
-    if mean is None or math.isnan(mean):
+    if _nan(mean):
         return "—"
-    return f"{round(100 * mean, 2) + 0.0:+.2f}" + ("" if std is None or math.isnan(std) else f" ± {100 * std:.2f}")
+    return f"{round(100 * mean, 2) + 0.0:+.2f}" + ("" if _nan(std) else f" ± {100 * std:.2f}")
 
 
 def ci(lo: float, hi: float, significant: bool) -> str:
-    if lo is None or math.isnan(lo):
+    if _nan(lo):
         return "—"
     return f"[{round(100 * lo, 2) + 0.0:+.2f}, {round(100 * hi, 2) + 0.0:+.2f}]" + ("*" if significant else "")
 
 
+def plain(mean: float, std: float = math.nan, digits: int = 4) -> str:
+    if _nan(mean):
+        return "—"
+    return f"{mean:.{digits}f}" + ("" if _nan(std) else f" ± {std:.{digits}f}")
+
+
+def _col(summary: pd.DataFrame, name: str, default: Any = math.nan) -> pd.Series:
+    return summary[name] if name in summary else pd.Series(default, index=summary.index)
+
+
+def _true(x: Any) -> bool:
+    return isinstance(x, (bool, np.bool_)) and bool(x)
+
+
+def setting_cell(r: pd.Series) -> str:
+    marks = (f" {DEGENERATE_MARK}" if _true(r.get("degenerate")) else "") + \
+            (f" {RESELECTED_MARK}" if _true(r.get("reselected")) else "")
+    return f"{r['setting']}{marks}"
+
+
+def _control_cell(r: pd.Series) -> str:
+    if not r.get("control_setting"):
+        return "—"
+    name = str(r["control_setting"]) + (f" {DEGENERATE_MARK}" if _true(r.get("control_degenerate")) else "")
+    status = r.get("control_status")
+    if status == "not run":
+        return f"{name} ({NOT_RUN})"
+    if status == "partial":
+        return f"{name} ({int(r['control_seeds'])} of {int(r['seeds'])} seeds)"
+    return name
+
+
+def _vs_control(r: pd.Series, cell: str) -> str:
+    if not r.get("control_setting"):
+        return "—"
+    return NOT_RUN if r.get("control_status") == "not run" else cell
+
+
 def display_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """The per-dataset table as strings (accuracies in %, Δ in percentage points)."""
+    """The per-dataset table as strings (accuracies in %, Δ in percentage points). The probe's column is
+    there only when a row has a probe."""
+    s = summary
+    rows = [r for _, r in s.iterrows()]
     out = pd.DataFrame({
-        "Setting": summary["setting"],
-        "Family": summary["family"],
-        "Size (MB)": summary["size_mb"].map(lambda v: f"{v:.2f}"),
-        "Params (M)": summary["params"].map(lambda v: f"{v / 1e6:.2f}"),
-        "Seeds": summary["seeds"].astype(str),
-        "Avg acc": [pct(m, s) for m, s in zip(summary["acc_avg_mean"], summary["acc_avg_std"])],
-        "Worst-group acc": [pct(m, s) for m, s in zip(summary["acc_wg_mean"], summary["acc_wg_std"])],
-        "Δ avg": [delta(m, s) for m, s in zip(summary["d_avg_mean"], summary["d_avg_std"])],
-        "Δ avg 95% CI": [ci(lo, hi, s) for lo, hi, s in zip(summary["d_avg_lo"], summary["d_avg_hi"], summary["d_avg_sig"])],
-        "Δ WGA": [delta(m, s) for m, s in zip(summary["d_wg_mean"], summary["d_wg_std"])],
-        "Δ WGA 95% CI": [ci(lo, hi, s) for lo, hi, s in zip(summary["d_wg_lo"], summary["d_wg_hi"], summary["d_wg_sig"])],
+        "Setting": [setting_cell(r) for r in rows],
+        "Family": s["family"],
+        "Size (MB)": s["size_mb"].map(lambda v: "—" if _nan(v) else f"{v:.2f}"),
+        "Params (M)": s["params"].map(lambda v: "—" if _nan(v) else f"{v / 1e6:.2f}"),
+        "Seeds": s["seeds"].astype(str),
+        "Avg acc": [pct(m, d) for m, d in zip(s["acc_avg_mean"], s["acc_avg_std"])],
+        "Worst-group acc": [pct(m, d) for m, d in zip(s["acc_wg_mean"], s["acc_wg_std"])],
+        "Worst-class acc": [pct(m, d) for m, d in zip(_col(s, "acc_worst_class_mean"), _col(s, "acc_worst_class_std"))],
+        "Δ avg": [delta(m, d) for m, d in zip(s["d_avg_mean"], s["d_avg_std"])],
+        "Δ avg 95% CI": [ci(lo, hi, x) for lo, hi, x in zip(s["d_avg_lo"], s["d_avg_hi"], s["d_avg_sig"])],
+        "Δ WGA": [delta(m, d) for m, d in zip(s["d_wg_mean"], s["d_wg_std"])],
+        "Δ WGA 95% CI": [ci(lo, hi, x) for lo, hi, x in zip(s["d_wg_lo"], s["d_wg_hi"], s["d_wg_sig"])],
+        "Control": [_control_cell(r) for r in rows],
+        "Δ avg vs control": [_vs_control(r, delta(r.get("c_avg_mean"), r.get("c_avg_std"))) for r in rows],
+        "Δ avg vs control 95% CI": [_vs_control(r, ci(r.get("c_avg_lo"), r.get("c_avg_hi"), r.get("c_avg_sig")))
+                                    for r in rows],
+        "Δ WGA vs control": [_vs_control(r, delta(r.get("c_wg_mean"), r.get("c_wg_std"))) for r in rows],
+        "Δ WGA vs control 95% CI": [_vs_control(r, ci(r.get("c_wg_lo"), r.get("c_wg_hi"), r.get("c_wg_sig")))
+                                    for r in rows],
+        "Flip %": [pct(m, d) for m, d in zip(_col(s, "flip_rate_mean"), _col(s, "flip_rate_std"))],
+        "KL": [plain(m, d) for m, d in zip(_col(s, "kl_mean"), _col(s, "kl_std"))],
     })
+    if "probe_acc_wg_mean" in s and s["probe_acc_wg_mean"].notna().any():
+        out["Probe WGA"] = [pct(m, d) for m, d in zip(s["probe_acc_wg_mean"], _col(s, "probe_acc_wg_std"))]
     return out.reset_index(drop=True)
 
 
@@ -139,10 +290,11 @@ def size_table(summary: pd.DataFrame) -> pd.DataFrame:
         for ds in datasets:
             r = part[part["dataset"] == ds]
             suffix = f" {ds}" if len(datasets) > 1 else ""
-            row[f"Size (MB){suffix}"] = f"{r['size_mb'].iloc[0]:.2f}" if len(r) else "—"
-            row[f"Params (M){suffix}"] = f"{r['params'].iloc[0] / 1e6:.2f}" if len(r) else "—"
+            row[f"Size (MB){suffix}"] = f"{r['size_mb'].iloc[0]:.2f}" if len(r) and not _nan(r["size_mb"].iloc[0]) else "—"
+            row[f"Params (M){suffix}"] = (f"{r['params'].iloc[0] / 1e6:.2f}"
+                                          if len(r) and not _nan(r["params"].iloc[0]) else "—")
             row[f"vs base{suffix}"] = (f"{100 * r['size_vs_base'].iloc[0]:.1f}%"
-                                       if len(r) and not math.isnan(r["size_vs_base"].iloc[0]) else "—")
+                                       if len(r) and not _nan(r["size_vs_base"].iloc[0]) else "—")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -157,30 +309,81 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 CSS = ("body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;font-size:14px} "
        "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right} th{background:#f3f3f3} "
-       "td:first-child,td:nth-child(2){text-align:left}")
+       "td:first-child,td:nth-child(2){text-align:left} p{max-width:70em}")
 
 
-def to_html(df: pd.DataFrame, title: str, note: str = "") -> str:
+def to_html(df: pd.DataFrame, title: str, note: str = "", before: str = "") -> str:
     body = df.to_html(index=False, escape=True, border=0)
+    paras = "".join(f"<p>{html.escape(p)}</p>" for p in note.split("\n") if p.strip())
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body><h2>{html.escape(title)}</h2>"
-            f"<p>{html.escape(note)}</p>{body}</body></html>\n")
+            + (f"<p><b>{html.escape(before)}</b></p>" if before else "") + f"{body}{paras}</body></html>\n")
 
 
 NOTE = ("Accuracies in %, mean ± std over seeds (sample std). Δ: change against the base row of the same "
         "seed, in percentage points (mean ± std over seeds); 95% CI: paired bootstrap over test examples "
         "and seeds; * marks an interval that excludes zero.")
+CONTROL_NOTE = ("Control: the setting's matched-compute control (config.compressor.control: the same extra "
+                "training without the compression — refit for re-fine-tuned pruning, vtc for vocabulary transfer, "
+                "<student>_ce for distillation), the same configuration and seed; Δ vs control isolates the "
+                "compression from the extra training. \"control not run\": declared, but no completed run of it "
+                "with this row's configuration is in the report. Flip %: test predictions that changed against "
+                "the run's base (same seed); KL: mean KL(base ‖ run) of the class probabilities, in nats.")
 
 
-def write_tables(summary: pd.DataFrame, out_dir: Path) -> list[Path]:
+def selection_line(col: Collection, runs: pd.DataFrame) -> str:
+    items = [(r["setting"], int(r["seed"]), col.reselected.get(r["dir"], sel.Reselection("own")),
+              sel.monitors(col.records.get(r["dir"]) or {})) for _, r in runs.iterrows()]
+    return sel.describe(col.selection, items)
+
+
+def code_note(runs: pd.DataFrame) -> str:
+    """A note when the runs of one table come from different code (package version, git commit, local
+    changes), naming which rows come from which."""
+    versions = sorted(set(runs["code"].fillna("unknown")))
+    if len(versions) <= 1:
+        return ""
+    parts = []
+    for v in versions:
+        rows = list(dict.fromkeys(runs.loc[runs["code"].fillna("unknown") == v, "setting"]))
+        parts.append(f"{v}: {', '.join(rows)}")
+    return ("Code versions differ between the runs of this table (version@commit, +dirty: local changes) — "
+            + "; ".join(parts) + ".")
+
+
+def table_notes(part: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
+    notes = [NOTE, CONTROL_NOTE]
+    for _, r in part[part["degenerate"] == True].iterrows():  # noqa: E712
+        notes.append(f"{DEGENERATE_MARK} {r['setting']} is degenerate (never ranked): {r['degenerate_note']}.")
+    for _, r in part[part.get("control_degenerate", pd.Series(False, index=part.index)) == True].iterrows():  # noqa: E712
+        notes.append(f"{DEGENERATE_MARK} the control {r['control_setting']} of {r['setting']} is degenerate: read "
+                     "its Δ vs control with care.")
+    variants = part[part["variant"].astype(bool)] if "variant" in part else part.iloc[0:0]
+    if len(variants):
+        notes.append("Rows in {…} differ from the other rows of this table in their configuration beyond setting and "
+                     "seed; they are never pooled and are compared only with the base and control of the same "
+                     "configuration: " + "; ".join(f"{r['setting_name']}: {r['variant']}" for _, r in variants.iterrows())
+                     + ".")
+    code = code_note(runs)
+    if code:
+        notes.append(code)
+    return notes
+
+
+def write_tables(summary: pd.DataFrame, out_dir: Path, col: Collection | None = None) -> list[Path]:
     written = []
     for (exp, ds), part in summary.groupby(["experiment", "dataset"], sort=True):
         folder = out_dir / "tables" / str(exp)
         folder.mkdir(parents=True, exist_ok=True)
         table = display_table(part)
         title = f"{exp}: {ds}"
-        (folder / f"{ds}.md").write_text(f"## {title}\n\n{to_markdown(table)}\n{NOTE}\n", encoding="utf-8")
-        (folder / f"{ds}.html").write_text(to_html(table, title, NOTE), encoding="utf-8")
+        runs = col.completed[(col.completed["experiment"] == exp) & (col.completed["dataset"] == ds)] if col else None
+        rule = selection_line(col, runs) if col is not None else ""
+        notes = "\n".join(table_notes(part, runs) if runs is not None else [NOTE])
+        (folder / f"{ds}.md").write_text(f"## {title}\n\n" + (f"{rule}\n\n" if rule else "")
+                                         + f"{to_markdown(table)}\n" + notes.replace("\n", "\n\n") + "\n",
+                                         encoding="utf-8")
+        (folder / f"{ds}.html").write_text(to_html(table, title, notes, rule), encoding="utf-8")
         written += [folder / f"{ds}.md", folder / f"{ds}.html"]
     for exp, part in summary.groupby("experiment", sort=True):
         folder = out_dir / "tables" / str(exp)
@@ -191,3 +394,42 @@ def write_tables(summary: pd.DataFrame, out_dir: Path) -> list[Path]:
         (folder / "sizes.html").write_text(to_html(table, title, note), encoding="utf-8")
         written += [folder / "sizes.md", folder / "sizes.html"]
     return written
+
+
+# ---- headlines: the only ranking, and it never ranks a degenerate row --------------------------------
+def headlines(summary: pd.DataFrame) -> list[str]:
+    """Per table, in words: which Δ WGA intervals exclude zero against the base and against the control,
+    and the largest drop and gain — degenerate rows are listed apart, never ranked."""
+    lines: list[str] = []
+    for (exp, ds), part in summary.groupby(["experiment", "dataset"], sort=True):
+        cand = part[(part["base"].astype(bool)) & ~part["degenerate"].astype(bool)]
+        lines.append(f"**{exp}: {ds}**")
+        ranked = cand[cand["d_wg_mean"].notna()].sort_values("d_wg_mean")
+        if len(ranked):
+            lo, hi = ranked.iloc[0], ranked.iloc[-1]
+            lines.append(f"- largest worst-group drop vs base: {lo['setting']} {delta(lo['d_wg_mean'])} "
+                         f"{ci(lo['d_wg_lo'], lo['d_wg_hi'], lo['d_wg_sig'])}; largest gain: {hi['setting']} "
+                         f"{delta(hi['d_wg_mean'])} {ci(hi['d_wg_lo'], hi['d_wg_hi'], hi['d_wg_sig'])}")
+        with_control = cand[cand["control_setting"].astype(bool)]
+        d_sig, c_sig = with_control["d_wg_sig"].astype(bool), with_control["c_wg_sig"].astype(bool)
+        both = with_control[d_sig & c_sig]
+        base_only = with_control[d_sig & ~c_sig & (with_control["control_status"] != "not run")]
+        missing = with_control[with_control["control_status"] == "not run"]
+        if len(both):
+            lines.append("- Δ WGA excludes zero against the base and against the control: "
+                         + ", ".join(f"{r['setting']} ({delta(r['c_wg_mean'])} vs {r['control_setting']})"
+                                     for _, r in both.iterrows()))
+        if len(base_only):
+            lines.append("- Δ WGA excludes zero against the base but not against the control (extra training, not "
+                         "compression): " + ", ".join(f"{r['setting']} (vs {r['control_setting']}: "
+                                                     f"{ci(r['c_wg_lo'], r['c_wg_hi'], r['c_wg_sig'])})"
+                                                     for _, r in base_only.iterrows()))
+        if len(missing):
+            lines.append(f"- {NOT_RUN}: " + ", ".join(f"{r['setting']} (needs {r['control_setting']})"
+                                                   for _, r in missing.iterrows()))
+        degenerate = part[part["degenerate"].astype(bool)]
+        if len(degenerate):
+            lines.append(f"- not ranked, degenerate {DEGENERATE_MARK}: "
+                         + ", ".join(f"{r['setting']} ({r['degenerate_note']})" for _, r in degenerate.iterrows()))
+        lines.append("")
+    return lines

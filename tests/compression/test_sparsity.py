@@ -60,7 +60,8 @@ def test_wanda_compressor_uses_calibration_norms():
     ref = copy.deepcopy(m)
     run(Wanda(0.5, calibration=CAL), m)
     run(OneShotMagnitude(0.5, "unstructured"), ref)
-    q_w, q_m = m.bert.encoder.layer[0].attention.self.query.weight, ref.bert.encoder.layer[0].attention.self.query.weight
+    q_w = m.bert.encoder.layer[0].attention.self.query.weight
+    q_m = ref.bert.encoder.layer[0].attention.self.query.weight
     assert (q_w[:, 3] != 0).all()  # Wanda keeps every weight reading the loud feature
     assert not torch.equal(q_w != 0, q_m != 0)
 
@@ -142,7 +143,8 @@ def test_layers_are_calibrated_on_the_already_pruned_model():
 
     class Spy(SparseGPT):
         def statistics(self, model, batches, group, stop_after):
-            seen.append((group[0][0], float((model.bert.encoder.layer[0].attention.self.query.weight == 0).float().mean())))
+            first = model.bert.encoder.layer[0].attention.self.query.weight
+            seen.append((group[0][0], float((first == 0).float().mean())))
             return super().statistics(model, batches, group, stop_after)
 
     run(Spy(0.5, calibration=CAL, blocksize=16))
@@ -257,3 +259,6 @@ def test_experiment_configs_compose():
     sources = OverridesParser.create().parse_overrides([f"s={params['compressor.calibration.source']}"])[0]
     assert list(sources.sweep_iterator()) == ["natural", "group_balanced", "worst_group"]
     assert cfg.compressor.calibration.examples == 256
+    # one report experiment per source: runs of the same method and seed are not superseded by each other
+    cfg = compose(["experiment=calibration", "compressor=wanda50", "compressor.calibration.source=worst_group"])
+    assert cfg.experiment_name == "calibration_worst_group" and cfg.compressor.name == "wanda50"

@@ -4,8 +4,9 @@ Tolerances (relative Frobenius error of each quantized Linear's output on random
 hidden states): int8 symmetric per row rounds every weight by at most half a step of max|w_row|/127, about
 0.3-1 % of the output; w8a8 adds the same-sized rounding of the per-token int8 activations; 4-bit with one
 (scale, zero) per 32 inputs has 16 levels per group, a rounding noise of about range/15/sqrt(12), 5-8 % of
-the output for Gaussian weights (its CPU kernel multiplies in bfloat16: +0.5 % at most). So: < 2 % (int8wo), < 3 % (w8a8), < 12 % (int4wo) per Linear; the final
-hidden states, where the residual stream and LayerNorm dilute it, < 1 % / 1 % / 5 %."""
+the output for Gaussian weights (its CPU kernel multiplies in bfloat16: +0.5 % at most). So: < 2 % (int8wo),
+< 3 % (w8a8), < 12 % (int4wo) per Linear; the final hidden states, where the residual stream and LayerNorm
+dilute it, < 1 % / 1 % / 5 %."""
 
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ def test_int8_weight_only_stores_int8_and_stays_close():
     assert model_figures(ctx.model)["weight_dtypes"]["torch.int8"] > 0
     rep = comp.report(ctx)
     assert rep["quantized_linear_layers"] == n_linear and rep["fp32_linear_layers"] == []
-    assert (comp.quantizes, comp.eval_on_cpu, comp.trains, comp.stage, comp.start_from) == (True, True, False, "after", "finetuned")
+    flags = (comp.quantizes, comp.eval_on_cpu, comp.trains, comp.stage, comp.start_from)
+    assert flags == (True, True, False, "after", "finetuned")
 
 
 def test_w8a8_quantizes_weights_and_activations():

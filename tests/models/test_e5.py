@@ -303,6 +303,7 @@ def test_offline_without_the_wheel_fails_in_one_line_naming_the_fix(tmp_path, mo
 
 
 def test_model_configs_compose():
+    from subgroup_robustness.utils.compose import compose_group
     from tests.helpers import compose
 
     for name, variant in (("multilingual_e5_small", "e5-small"), ("e5_small_enpt", "e5-small-enpt")):
@@ -310,7 +311,8 @@ def test_model_configs_compose():
         m = cfg.model
         assert (m.name, m.source, m.variant, m.converter) == (name, "converted", variant,
                                                               "subgroup_robustness.models.e5.converted_folder")
-        assert m.cache_dir == cfg.paths.cache_dir and variant in e5.VARIANTS
+        assert m.cache_dir is None and variant in e5.VARIANTS  # the asset cache, as `make install` fills it
+        assert compose_group("model", name).variant == variant  # alone, e.g. as a distillation student
 
 
 # ---- the real asset (make install) -----------------------------------------------------------------------
@@ -401,4 +403,5 @@ def test_real_multilingual_e5_fine_tunes_end_to_end(real, tmp_path):
     assert rec["status"] == "completed" and rec["run"]["model"] == "multilingual_e5_small"
     assert rec["model"]["params"] == 117_654_530
     test = rec["groups"]["test"]["groups"]
-    assert test["n"] == 500 and 0.0 <= test["acc_wg"] <= test["acc_avg"] <= 1.0
+    assert abs(test["n"] - 500) <= 10 and sum(test["count"].values()) == test["n"]  # debug=tiny: ~500 test comments
+    assert 0.0 <= test["acc_wg"] <= test["acc_avg"] <= 1.0
