@@ -447,6 +447,17 @@ def slurm_details(job_id: str) -> dict[str, str]:
     return {}
 
 
+def scontrol_restarts(job_id: str) -> int | None:
+    """How many times SLURM requeued the job (scontrol's Restarts=; known for MinJobAge after it ends)."""
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"\bRestarts=(\d+)", out)
+    return int(m.group(1)) if m else None
+
+
 def slurm_reason(state: str, raw_state: str, stderr: str, params: dict[str, Any], details: dict[str, str]) -> str:
     """One sentence: why SLURM ended the job, from its state, sacct and the job's error stream."""
     found = _STEP_END.findall(stderr or "")
@@ -660,7 +671,8 @@ class SlurmJobs:
         info = {"job_id": str(sj.job_id), "state": state, "raw_state": raw_state,
                 "reason": slurm_reason(state, raw_state, stderr, self.launcher.params, details),
                 "exit_code": details.get("ExitCode"), "elapsed": details.get("Elapsed"),
-                "node": details.get("NodeList"), "log": str(sj.paths.stderr)}
+                "node": details.get("NodeList"), "restarts": scontrol_restarts(sj.job_id),
+                "log": str(sj.paths.stderr)}
         self._settle_failed(job, info, folder)
         return job_return(job)
 

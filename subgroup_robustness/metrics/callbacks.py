@@ -9,8 +9,8 @@ import lightning.pytorch as L
 import torch
 from torch import nn
 
-from subgroup_robustness.data.groups import PRIMARY, Grouping
-from subgroup_robustness.metrics.group_metrics import GroupAccuracy, flatten_metrics
+from subgroup_robustness.data.groups import PRIMARY, Grouping, is_multilabel
+from subgroup_robustness.metrics.group_metrics import flatten_metrics, group_metric
 
 
 class GroupMetrics(L.Callback):
@@ -18,7 +18,11 @@ class GroupMetrics(L.Callback):
     datamodule's groupings, so the callback has no dataset knowledge of its own.
 
     ``save_predictions`` keeps every test prediction (index, label, pred) and its class probabilities
-    (float16), for significance tests, prediction flips and calibration that need no re-run."""
+    (float16), for significance tests, prediction flips and calibration that need no re-run.
+
+    A multi-label dataset (``dataset.task: multilabel``) is scored with per-group micro-/macro-F1
+    (``GroupMultiLabelF1``); its predictions and labels are label-set bitmasks, its probabilities the
+    per-label sigmoids."""
 
     def __init__(self, save_predictions: bool = True, history_test: bool = True):
         self.save_predictions = save_predictions
@@ -31,17 +35,24 @@ class GroupMetrics(L.Callback):
         self.results: dict[str, dict[str, Any]] = {}
         self.predictions: dict[str, list[torch.Tensor]] = {}
         self.probabilities: dict[str, list[torch.Tensor]] = {}
+        self.multilabel = False
+        self.num_labels = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "groupings"):
             raise RuntimeError("GroupMetrics needs a GroupDataModule attached to the trainer")
         self.groupings = dm.groupings
+        cfg = getattr(dm, "cfg", None) or {}
+        self.multilabel = is_multilabel(cfg)
+        self.num_labels = len(cfg.get("label_names") or []) if self.multilabel else 0
+
+    def _metrics(self) -> nn.ModuleDict:
+        return nn.ModuleDict({name: group_metric(g.group_names, self.multilabel, self.num_labels)
+                              for name, g in self.groupings.items()})
 
     def _start(self, split: str, pl_module: L.LightningModule) -> None:
-        self.metrics[split] = nn.ModuleDict(
-            {name: GroupAccuracy(g.group_names) for name, g in self.groupings.items()}
-        ).to(pl_module.device)
+        self.metrics[split] = self._metrics().to(pl_module.device)
         self.predictions[split] = []
         self.probabilities[split] = []
 
@@ -97,7 +108,7 @@ class GroupMetrics(L.Callback):
     def _score(self, trainer: L.Trainer, pl_module: L.LightningModule, loader) -> dict[str, Any]:
         """Group accuracy of the current weights on ``loader`` (the test split during fit), outside
         Lightning's loops so that nothing is logged and no test hooks fire."""
-        metrics = nn.ModuleDict({n: GroupAccuracy(g.group_names) for n, g in self.groupings.items()}).to(pl_module.device)
+        metrics = self._metrics().to(pl_module.device)
         was_training = pl_module.training
         pl_module.eval()
         try:

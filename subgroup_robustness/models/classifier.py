@@ -1,7 +1,12 @@
 """The LightningModule: a Hugging Face sequence classifier trained with AdamW + linear schedule.
 
 Compressors that change training (distillation, QAT) attach ``loss_hooks`` instead of writing their own
-loop, so Lightning stays the only training loop."""
+loop, so Lightning stays the only training loop.
+
+Multi-label datasets (``dataset.task: multilabel``, e.g. ECtHR): the batch's ``labels`` are label-set
+bitmasks; the module trains with BCE-with-logits on their multi-hot decoding and predicts the labels whose
+sigmoid exceeds 0.5, returned as a bitmask again. The task is ``task`` when given, else the attached
+datamodule's (read in ``setup``)."""
 
 from __future__ import annotations
 
@@ -9,20 +14,42 @@ from typing import Any, Callable
 
 import lightning.pytorch as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from subgroup_robustness.models.objectives import ERM, Objective
 from subgroup_robustness.models.structure import model_inputs
+from subgroup_robustness.utils.errors import ConfigError
+
+SINGLE_LABEL, MULTILABEL = "single_label", "multilabel"
+TASKS = (SINGLE_LABEL, MULTILABEL)
+THRESHOLD = 0.5  # multi-label: a label is predicted when its sigmoid exceeds this (FairLex's rule)
+
+
+def multi_hot(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """(B,) label-set bitmasks -> (B, C) float multi-hot targets (bit k = label k)."""
+    shifts = torch.arange(num_labels, device=labels.device)
+    return ((labels.long().unsqueeze(-1) >> shifts) & 1).float()
+
+
+def label_sets(logits: torch.Tensor, threshold: float = THRESHOLD) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-label predictions of (B, C) logits: (bitmasks (B,), sigmoid probabilities (B, C))."""
+    probs = logits.float().sigmoid()
+    shifts = torch.arange(logits.shape[-1], device=logits.device)
+    return ((probs > threshold).long() << shifts).sum(-1), probs
 
 
 class SequenceClassifier(L.LightningModule):
     def __init__(self, model: nn.Module, objective: Objective | None = None, lr: float = 2e-5,
                  weight_decay: float = 0.0, warmup_ratio: float = 0.0, adam_eps: float = 1e-8,
                  betas: tuple[float, float] = (0.9, 0.999), fused_adamw: bool = True,
-                 scheduler: str = "linear", compile: bool = False):
+                 scheduler: str = "linear", compile: bool = False, task: str | None = None):
         super().__init__()
         self.model = model
         self.objective = objective if objective is not None else ERM()
+        if task is not None and task not in TASKS:
+            raise ConfigError(f"module.task={task!r}; choose one of {list(TASKS)} (null = the dataset's task)")
+        self.task = task
         self.lr, self.weight_decay, self.warmup_ratio = float(lr), float(weight_decay), float(warmup_ratio)
         self.adam_eps, self.betas, self.fused_adamw = float(adam_eps), tuple(betas), bool(fused_adamw)
         self.scheduler_name = scheduler
@@ -38,6 +65,30 @@ class SequenceClassifier(L.LightningModule):
 
     def forward(self, batch: dict[str, torch.Tensor], **kwargs):
         return self.model(**model_inputs(batch), **kwargs)
+
+    # ---- the task (single-label or multi-label) -----------------------------------------------------
+    @property
+    def multilabel(self) -> bool:
+        return self.task == MULTILABEL
+
+    def setup(self, stage: str) -> None:
+        """Adopt the datamodule's task (``dataset.task``) unless one was given; a disagreement is refused."""
+        cfg = getattr(getattr(self._trainer, "datamodule", None), "cfg", None) if self._trainer is not None else None
+        data_task = (cfg or {}).get("task", SINGLE_LABEL) if isinstance(cfg, dict) else None
+        if data_task is not None:
+            if self.task is None:
+                self.task = data_task
+            elif self.task != data_task:
+                raise ConfigError(f"module.task={self.task!r} but dataset {cfg.get('name')!r} is {data_task!r}; "
+                                  "drop module.task (the dataset's task is used)")
+        if self.multilabel and not (type(self.objective) is ERM):
+            raise ConfigError(f"objective {getattr(self.objective, 'name', self.objective)!r} is single-label; "
+                              "a multi-label dataset trains with BCE-with-logits only (objective=erm)")
+
+    def _supervised_loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.multilabel:
+            return F.binary_cross_entropy_with_logits(logits.float(), multi_hot(batch["labels"], logits.shape[-1]))
+        return self.objective(logits, batch["labels"], batch["metadata"])
 
     def _train_forward(self, batch: dict[str, torch.Tensor], **kwargs):
         if not self.compile_model:
@@ -55,7 +106,7 @@ class SequenceClassifier(L.LightningModule):
         if self.output_attentions:
             kwargs["output_attentions"] = True
         outputs = self._train_forward(batch, **kwargs)
-        loss = self.ce_weight * self.objective(outputs.logits, batch["labels"], batch["metadata"]) \
+        loss = self.ce_weight * self._supervised_loss(outputs.logits, batch) \
             if self.ce_weight else outputs.logits.new_zeros(())
         for hook in self.loss_hooks:
             loss = loss + hook(self, batch, outputs)
@@ -79,6 +130,9 @@ class SequenceClassifier(L.LightningModule):
 
     def _eval_step(self, batch):
         logits = self(batch).logits
+        if self.multilabel:  # preds: label-set bitmasks; probs: per-label sigmoids
+            preds, probs = label_sets(logits)
+            return {"preds": preds, "probs": probs}
         return {"preds": logits.argmax(-1), "probs": logits.float().softmax(-1)}
 
     def validation_step(self, batch, batch_idx):

@@ -12,7 +12,7 @@ from subgroup_robustness.utils.console import console, error
 from subgroup_robustness.utils.errors import UserError
 
 
-CONSOLE_COLUMNS = ["Setting", "Size (MB)", "Avg acc", "Worst-group acc", "Δ WGA", "Δ WGA 95% CI", "Control",
+CONSOLE_COLUMNS = ["Setting", "Avg acc", "Worst-group acc", "Δ WGA 95% CI", "Control",
                    "Δ WGA vs control 95% CI", "Flip %"]
 
 
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         table = Table(title=f"{exp}: {ds}", title_justify="left")
         shown = display_table(part)[CONSOLE_COLUMNS]
         for c in shown.columns:
-            table.add_column(c, justify="left" if c in ("Setting", "Family") else "right")
+            table.add_column(c, justify="left" if c in ("Setting", "Family", "Control") else "right",
+                             overflow="fold")
         for row in shown.itertuples(index=False):
             table.add_row(*map(str, row))
         console.print(table)

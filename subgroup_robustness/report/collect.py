@@ -48,8 +48,10 @@ CHECKPOINT_FAMILY = "distillation"
 KEY = ["experiment", "dataset", "setting", "seed"]
 # the sweeper lists a grid's rows come from, in this order of precedence (conf/experiment/*.yaml)
 SWEEP_KEYS = ("setting", "compressor", "model")
-# config keys that never separate two runs' rows (as for the job folders: they do not change a result)
+# config keys that never separate two runs' rows (as for the job folders: they do not change a result), and
+# any key named cache_dir (where a machine keeps its caches; the same run on a colleague's machine pools)
 POOL_IGNORED = ("tags", "data.num_workers", "trainer.devices", "trainer.accelerator")
+POOL_IGNORED_NAMES = ("cache_dir",)
 # config sections a row's label already names: a setting's base and control differ from it only there
 ROW_SECTIONS = ("compressor", "model", "objective")
 # how many differing keys a row label shows (all of them are in runs.csv / summary.csv `variant`)
@@ -98,7 +100,8 @@ class Collection:
             try:
                 out = load_predictions(path, dataset_cfg)
             except Exception as exc:  # noqa: BLE001 - one bad file must not sink the report
-                self.problem(f"{path}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                why = (str(exc).splitlines() or [""])[0].replace(f" in {path}", "").replace(str(path), "the file")
+                self.problem(f"{path}: unreadable ({type(exc).__name__}: {why}); "
                              "the run counts without intervals, flips or exemplars")
         self._predictions[run_dir] = out
         return out
@@ -244,7 +247,10 @@ def identity(rec: dict[str, Any]) -> dict[str, str] | None:
     cfg = rec.get("config")
     if not isinstance(cfg, dict) or not cfg:
         return None
-    from subgroup_robustness.experiment import identity_payload
+    try:  # the light home, if the payload moves next to the file formats
+        from subgroup_robustness.results import identity_payload  # type: ignore[attr-defined]
+    except ImportError:
+        from subgroup_robustness.experiment import identity_payload
 
     payload = identity_payload(cfg)
     data = payload.get("data")
@@ -253,7 +259,8 @@ def identity(rec: dict[str, Any]) -> dict[str, str] | None:
     seed = _get(rec, "run", "seed", default=cfg.get("seed"))
     out: dict[str, str] = {}
     for key, value in _flatten(payload).items():
-        if key == "seed" or any(key == p or key.startswith(p + ".") for p in POOL_IGNORED):
+        if key == "seed" or any(key == p or key.startswith(p + ".") for p in POOL_IGNORED) \
+                or key.rsplit(".", 1)[-1] in POOL_IGNORED_NAMES:
             continue
         if key.rsplit(".", 1)[-1] == "seed" and value == seed and not isinstance(value, bool):
             value = "<seed>"

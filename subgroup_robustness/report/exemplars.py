@@ -209,7 +209,7 @@ def write_exemplars(col: Collection, summary: pd.DataFrame, out: Path, texts: bo
     loader = Texts(texts)
     files: list[Path] = []
     tables: list[Path] = []
-    notes: list[str] = []
+    notes: dict[tuple[str, str, str], list[str]] = {}  # (experiment, dataset, why) -> settings
     for (exp, ds), part in summary.groupby(["experiment", "dataset"], sort=True):
         folder = out / "exemplars" / str(exp) / str(ds)
         ranking_rows, table_rows = [], []
@@ -235,7 +235,7 @@ def write_exemplars(col: Collection, summary: pd.DataFrame, out: Path, texts: bo
                     columns = []
                 why = attach_text(ex, loader.table(dataset_cfg), columns, meta)
             if why:
-                notes.append(f"{exp} / {ds} / {row['setting']}: exemplars written without text — {why}.")
+                notes.setdefault((str(exp), str(ds), why), []).append(str(row["setting"]))
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"{safe_name(row['setting'])}.csv"
             ex[COLUMNS].to_csv(path, index=False)
@@ -245,7 +245,7 @@ def write_exemplars(col: Collection, summary: pd.DataFrame, out: Path, texts: bo
             ranking.insert(1, "degenerate", bool(row["degenerate"]))
             ranking.insert(2, "seeds", seeds)
             ranking_rows.append(ranking)
-            top = ranking[ranking["n"] > 0].head(TOP_GROUPS)
+            top = ranking[(ranking["n"] > 0) & (ranking["flip"] > 0)].head(TOP_GROUPS)
             mark = f" {DEGENERATE_MARK}" if row["degenerate"] else ""
             table_rows.append({
                 "Setting": f"{row['setting']}{mark}", "Seeds": str(seeds),
@@ -262,7 +262,9 @@ def write_exemplars(col: Collection, summary: pd.DataFrame, out: Path, texts: bo
         long.to_csv(folder / "groups_by_flip_rate.csv", index=False)
         files.append(folder / "groups_by_flip_rate.csv")
         tables += _flip_tables(long, table_rows, out / "tables" / str(exp), str(exp), str(ds), to_markdown, to_html)
-    return {"files": files, "tables": tables, "notes": notes}
+    lines = [f"{exp} / {ds}: exemplars of {', '.join(settings)} written without text — {why}."
+             for (exp, ds, why), settings in notes.items()]
+    return {"files": files, "tables": tables, "notes": lines}
 
 
 def _flip_tables(long: pd.DataFrame, table_rows: list[dict], folder: Path, exp: str, ds: str, to_markdown, to_html

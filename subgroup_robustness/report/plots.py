@@ -22,7 +22,8 @@ from matplotlib.transforms import Bbox
 # the paper's families keep the colours of its figures; any other family gets one from PALETTE, picked by
 # a hash of its name (the same colour in every figure), so a new compressor family needs no entry here
 FAMILY_COLORS = {"none": "black", "distillation": "tab:blue", "pruning": "tab:orange",
-                 "quantization": "tab:green", "vocabulary": "tab:red", "vocabulary_transfer": "tab:red"}
+                 "quantization": "tab:green", "vocabulary": "tab:red", "vocabulary_transfer": "tab:red",
+                 "control": "slategray"}
 PALETTE = ["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray", "#393b79", "#8c6d31",
            "#843c39", "#7b4173", "#637939", "#3182bd"]
 
@@ -83,17 +84,26 @@ _DIRECTIONS = [(1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, 
 
 
 def place_labels(ax, xs: Iterable[float], ys: Iterable[float], labels: Iterable[str], fontsize: float = 7,
-                 marker_px: float = 6.0, rings: int = 12) -> list:
+                 radius: float = 5.5, rings: int = 12, bars: np.ndarray | None = None, cap_px: float = 3.0) -> list:
     """Annotate each point (data coordinates) with its label so that no two labels overlap, no label covers
-    a point, and every label stays inside the axes; a label placed away from its point gets a thin leader
-    line. The axes' limits must be final. Returns the annotations."""
+    a point or an error bar (``bars``: (2, N) lower/upper extents, as ``errorbar``'s ``yerr``), and every
+    label stays inside the axes; a label placed away from its point gets a thin leader line. The axes'
+    limits must be final. Returns the annotations."""
     renderer = _canvas(ax.figure)
     to_px = ax.transData.transform
-    pts = [(float(x), float(y), str(t)) for x, y, t in zip(xs, ys, labels) if not (math.isnan(x) or math.isnan(y))]
+    xs, ys, labels = list(xs), list(ys), list(labels)
+    keep = [i for i, (x, y) in enumerate(zip(xs, ys)) if not (math.isnan(x) or math.isnan(y))]
+    pts = [(float(xs[i]), float(ys[i]), str(labels[i])) for i in keep]
     px = [to_px((x, y)) for x, y, _ in pts]
     frame = ax.get_window_extent(renderer)
     pad = 2.0
-    taken = [Bbox.from_extents(p[0] - marker_px, p[1] - marker_px, p[0] + marker_px, p[1] + marker_px) for p in px]
+    taken = [Bbox.from_extents(p[0] - radius, p[1] - radius, p[0] + radius, p[1] + radius) for p in px]
+    if bars is not None:
+        for k, i in enumerate(keep):
+            lo, hi = float(bars[0][i]), float(bars[1][i])
+            if lo > 0 or hi > 0:
+                (_, y0), (_, y1) = to_px((pts[k][0], pts[k][1] - lo)), to_px((pts[k][0], pts[k][1] + hi))
+                taken.append(Bbox.from_extents(px[k][0] - cap_px, y0 - 1, px[k][0] + cap_px, y1 + 1))
     out = []
     # the most crowded points first: they have the fewest free spots
     crowd = [sum(1 for q in px if abs(q[0] - p[0]) < 60 and abs(q[1] - p[1]) < 30) for p in px]
@@ -109,12 +119,12 @@ def place_labels(ax, xs: Iterable[float], ys: Iterable[float], labels: Iterable[
         for ring in range(rings):
             for dx, dy in _DIRECTIONS:
                 if dx > 0:
-                    left = cx + marker_px / 2 + pad + ring * sx * dx
+                    left = cx + radius + pad + ring * sx * dx
                 elif dx < 0:
-                    left = cx - marker_px / 2 - pad - w - ring * sx * -dx
+                    left = cx - radius - pad - w - ring * sx * -dx
                 else:
                     left = cx - w / 2
-                near = marker_px / 2 if dx else marker_px + pad
+                near = radius / 2 if dx else radius + pad
                 if dy > 0:
                     bottom = cy + near + ring * sy * dy - (h / 2 if dx and ring == 0 and dy == 1 else 0)
                 elif dy < 0:
@@ -134,7 +144,7 @@ def place_labels(ax, xs: Iterable[float], ys: Iterable[float], labels: Iterable[
                 break
         left, bottom, box = best
         taken.append(box)
-        far = math.hypot(box.x0 + box.width / 2 - cx, box.y0 + box.height / 2 - cy) > 2.5 * (h + marker_px)
+        far = math.hypot(box.x0 + box.width / 2 - cx, box.y0 + box.height / 2 - cy) > 1.5 * (h + radius)
         inv = ax.transData.inverted()
         tx, ty = inv.transform((left, bottom))
         ann = ax.annotate(text, (x, y), xytext=(tx, ty), textcoords="data", fontsize=fontsize, ha="left",
@@ -169,6 +179,8 @@ def wga_vs_size(summary: pd.DataFrame, title: str = "", path: str | Path | None 
                         label=None if hollow else ("uncompressed" if fam == "none" else fam), capsize=3, lw=1)
     if degenerate.any():
         ax.plot([], [], "o", mfc="none", color="0.3", label="degenerate (hollow, never ranked)")
+    handles, entries = ax.get_legend_handles_labels()
+    order = sorted(range(len(entries)), key=lambda i: entries[i].startswith("degenerate"))
     names = summary["setting_name"] if "setting_name" in summary else summary["setting"]
     for _, r in summary[names == "base"].iterrows():
         ax.axhline(100 * r["acc_wg_mean"], color="black", ls="--", lw=0.8, alpha=0.6)
@@ -181,10 +193,12 @@ def wga_vs_size(summary: pd.DataFrame, title: str = "", path: str | Path | None 
     lo, hi = ax.get_ylim()
     ax.set_ylim(max(lo, -5.0), min(hi, 105.0))
     ax.set_xlim(*ax.get_xlim())
-    ax.legend(title="family", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.legend([handles[i] for i in order], [entries[i] for i in order], title="family", fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.subplots_adjust(right=0.74)
-    place_labels(ax, summary["size_mb"], 100 * summary["acc_wg_mean"],
-                 [s + (" †" if d else "") for s, d in zip(summary["setting"], degenerate)])
+    mean = 100 * summary["acc_wg_mean"]
+    place_labels(ax, summary["size_mb"], mean, [s + (" †" if d else "") for s, d in zip(summary["setting"], degenerate)],
+                 bars=clipped_yerr(mean, 100 * summary["acc_wg_std"]))
     return _save(fig, path)
 
 

@@ -167,8 +167,9 @@ def describe(rule: str | None, runs: list[tuple[str, Any, Reselection, list[str]
         f"{s} seed {seed}: epoch {r.original_epoch} → {r.epoch}" for s, seed, r in changed) + ". ") if changed \
         else "No run changed epoch. "
     text += f"{same} run(s) picked the same epoch as run. "
-    for status, items in kept.items():
-        text += f"Kept the epoch they were run with — {KEPT[status]}: {who(items)}. "
+    if kept:
+        text += "Kept the epoch they were run with — " + "; ".join(
+            f"{KEPT[status]}: {who(items)}" for status, items in kept.items()) + ". "
     if changed:
         text += ("‡ rows report the re-picked epoch's accuracies; their intervals, flips, KL, calibration and "
                  "probe are of the epoch the run used (only its predictions are saved), so no interval is shown for them, "

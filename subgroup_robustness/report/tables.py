@@ -114,6 +114,34 @@ def _compare(col: Collection, part: pd.DataFrame, ref_name: str | None, index: d
     return out, rows, matched
 
 
+def _fill_flips(col: Collection, part: pd.DataFrame, pairs: list[tuple[Any, str, str]]) -> pd.DataFrame:
+    """Flip rate and KL against the base row's run of the same seed, from the predictions, for runs whose
+    results.json does not record them (written before flips were recorded, or without a cached base)."""
+    todo = {d for d in part.loc[part["flip_rate"].isna(), "dir"]}
+    if not todo:
+        return part
+    from subgroup_robustness.metrics.comparison import kl_divergence
+
+    part = part.copy()
+    for _, run_dir, base_dir in pairs:
+        if run_dir not in todo:
+            continue
+        a, b = col.predictions(run_dir), col.predictions(base_dir)
+        if a is None or b is None or a.pred is None or b.pred is None:
+            continue
+        common, ia, ib = np.intersect1d(a.index, b.index, return_indices=True)
+        if len(common) != len(a.index) or len(common) != len(b.index) or not len(common):
+            continue
+        i = part.index[part["dir"] == run_dir][0]
+        part.at[i, "flip_rate"] = float(np.mean(a.pred[ia] != b.pred[ib]))
+        if a.probs is not None and b.probs is not None and math.isnan(part.at[i, "kl"]):
+            try:
+                part.at[i, "kl"] = float(kl_divergence(b.probs[ib].astype(np.float64), a.probs[ia].astype(np.float64)).mean())
+            except ValueError:
+                pass
+    return part
+
+
 def summarize(col: Collection, n_boot: int = 2000, seed: int = 0,
               confidence: float = sig.CONFIDENCE) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(summary: one row per experiment/dataset/setting, per-seed significance rows). Fills ``col.pairs``."""
@@ -129,8 +157,6 @@ def summarize(col: Collection, n_boot: int = 2000, seed: int = 0,
             "seeds": int(part["seed"].nunique()), "seed_list": ",".join(map(str, sorted(int(s) for s in part["seed"].unique()))),
             "size_mb": _mean(part["size_mb"]), "params": _mean(part["params"]),
         }
-        for m in ROW_METRICS:
-            row[f"{m}_mean"], row[f"{m}_std"] = _mean(part[m]), _std(part[m])
         degenerate = part[part["degenerate"]]
         row.update(degenerate=bool(len(degenerate)),
                    degenerate_seeds=",".join(str(int(s)) for s in sorted(degenerate["seed"])),
@@ -144,8 +170,13 @@ def summarize(col: Collection, n_boot: int = 2000, seed: int = 0,
             col, part, None if is_base else bname, index, kind="base", prefix="d", n_boot=n_boot, seed=seed,
             confidence=confidence, fallback=not is_base)
         row.update(base_fields)
+        part = _fill_flips(col, part, base_pairs)
+        for m in ROW_METRICS:
+            row[f"{m}_mean"], row[f"{m}_std"] = _mean(part[m]), _std(part[m])
         row.update(base="" if is_base else (base_fields["d_label"] or bname), base_seeds=base_fields["d_n"],
-                   ci_seeds=base_fields["d_ci_seeds"])
+                   ci_seeds=base_fields["d_ci_seeds"],
+                   base_degenerate=not is_base and any(
+                       (ref := _partner(index, r, bname)) is not None and ref["degenerate"] for _, r in part.iterrows()))
         cname = first["control_setting"] if isinstance(first["control_setting"], str) else None
         control_fields, control_rows, control_pairs = _compare(
             col, part, cname, index, kind="control", prefix="c", n_boot=n_boot, seed=seed + 7919,
@@ -355,7 +386,10 @@ def table_notes(part: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
     notes = [NOTE, CONTROL_NOTE]
     for _, r in part[part["degenerate"] == True].iterrows():  # noqa: E712
         notes.append(f"{DEGENERATE_MARK} {r['setting']} is degenerate (never ranked): {r['degenerate_note']}.")
-    for _, r in part[part.get("control_degenerate", pd.Series(False, index=part.index)) == True].iterrows():  # noqa: E712
+    for b in dict.fromkeys(part.loc[_col(part, "base_degenerate", False) == True, "base"]):  # noqa: E712
+        notes.append(f"{DEGENERATE_MARK} the base {b} is degenerate: every Δ vs base against it compares with a broken "
+                     "model (never ranked).")
+    for _, r in part[_col(part, "control_degenerate", False) == True].iterrows():  # noqa: E712
         notes.append(f"{DEGENERATE_MARK} the control {r['control_setting']} of {r['setting']} is degenerate: read "
                      "its Δ vs control with care.")
     variants = part[part["variant"].astype(bool)] if "variant" in part else part.iloc[0:0]
@@ -402,14 +436,17 @@ def headlines(summary: pd.DataFrame) -> list[str]:
     and the largest drop and gain — degenerate rows are listed apart, never ranked."""
     lines: list[str] = []
     for (exp, ds), part in summary.groupby(["experiment", "dataset"], sort=True):
-        cand = part[(part["base"].astype(bool)) & ~part["degenerate"].astype(bool)]
+        cand = part[(part["base"].astype(bool)) & ~part["degenerate"].astype(bool)
+                    & ~_col(part, "base_degenerate", False).astype(bool)]
         lines.append(f"**{exp}: {ds}**")
         ranked = cand[cand["d_wg_mean"].notna()].sort_values("d_wg_mean")
-        if len(ranked):
-            lo, hi = ranked.iloc[0], ranked.iloc[-1]
+        lo, hi = (ranked.iloc[0], ranked.iloc[-1]) if len(ranked) else (None, None)
+        if lo is not None and lo["d_wg_mean"] < 0:
             lines.append(f"- largest worst-group drop vs base: {lo['setting']} {delta(lo['d_wg_mean'])} "
-                         f"{ci(lo['d_wg_lo'], lo['d_wg_hi'], lo['d_wg_sig'])}; largest gain: {hi['setting']} "
-                         f"{delta(hi['d_wg_mean'])} {ci(hi['d_wg_lo'], hi['d_wg_hi'], hi['d_wg_sig'])}")
+                         f"{ci(lo['d_wg_lo'], lo['d_wg_hi'], lo['d_wg_sig'])}")
+        if hi is not None and hi["d_wg_mean"] > 0:
+            lines.append(f"- largest worst-group gain vs base: {hi['setting']} {delta(hi['d_wg_mean'])} "
+                         f"{ci(hi['d_wg_lo'], hi['d_wg_hi'], hi['d_wg_sig'])}")
         with_control = cand[cand["control_setting"].astype(bool)]
         d_sig, c_sig = with_control["d_wg_sig"].astype(bool), with_control["c_wg_sig"].astype(bool)
         both = with_control[d_sig & c_sig]
@@ -431,5 +468,8 @@ def headlines(summary: pd.DataFrame) -> list[str]:
         if len(degenerate):
             lines.append(f"- not ranked, degenerate {DEGENERATE_MARK}: "
                          + ", ".join(f"{r['setting']} ({r['degenerate_note']})" for _, r in degenerate.iterrows()))
+        broken_base = part[_col(part, "base_degenerate", False).astype(bool) & ~part["degenerate"].astype(bool)]
+        if len(broken_base):
+            lines.append("- not ranked, compared with a degenerate base: " + ", ".join(broken_base["setting"]))
         lines.append("")
     return lines

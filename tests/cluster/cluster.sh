@@ -173,7 +173,7 @@ MinJobAge=600
 Waittime=0
 JobRequeue=1
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus $topo RealMemory=$mem State=UNKNOWN
-PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP DefMemPerCPU=1024
 EOF
   if [ "$ACCOUNTING" = slurmdbd ]; then
     cat >"$ETC/slurmdbd.conf" <<EOF
@@ -315,7 +315,8 @@ run_tests() {
   export SR_CLUSTER_TESTS=1 WANDB_MODE=disabled
   local py=${PYTHON:-$REPO/.venv/bin/python}
   local t0=$SECONDS rc=0
-  (cd "$REPO" && "$py" -m pytest -m cluster tests/cluster "$@") || rc=$?
+  # a private basetemp: other pytest runs on this machine prune /tmp/pytest-of-$USER while jobs still use it
+  (cd "$REPO" && "$py" -m pytest -m cluster --basetemp="$W/pytest" tests/cluster "$@") || rc=$?
   say "cluster tests: rc=$rc in $((SECONDS - t0)) s"
   return $rc
 }

@@ -114,7 +114,7 @@ def code(value: Any, names: Sequence[str], field: str, where: str, *, what: str,
 
 
 def bitmask(values: Any, names: Sequence[str], field: str, where: str, *, what: str,
-            release: Sequence[str] = ()) -> int:
+            release: Sequence[str] = (), digit_ids: bool = True) -> int:
     """A multi-label value (a list of ids or names; empty = no label) as a bitmask: bit k = label k."""
     if isinstance(values, np.ndarray):
         values = values.tolist()
