@@ -48,8 +48,7 @@ from subgroup_robustness.utils.perf import configure_process, release_memory
 
 log = logging.getLogger(__name__)
 
-# not part of what a run computes: where it writes, how it logs, what it measures besides the metrics
-RUN_KEYS_EXCLUDED = ("paths", "logger", "hydra", "print_config", "skip_existing", "cache_base", "measure")
+from subgroup_robustness.results import RUN_KEYS_EXCLUDED, identity_payload  # noqa: E402,F401 - re-exported
 
 
 def run_identity(cfg: DictConfig) -> str:
@@ -404,16 +403,6 @@ def run_summary(cfg: DictConfig) -> dict[str, Any]:
             "family": cfg.compressor.get("family", "none"), "seed": int(cfg.seed),
             "objective": (cfg.get("objective") or {}).get("name", "erm"),
             "experiment": cfg.get("experiment_name", "default"), "task_name": cfg.get("task_name")}
-
-
-def identity_payload(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """What changes a run's results: the resolved config without paths, logging and measurement knobs;
-    callbacks count (early stopping and selection change the model), the progress bar does not."""
-    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    out = {k: v for k, v in c.items() if k not in RUN_KEYS_EXCLUDED}
-    if isinstance(out.get("callbacks"), dict):
-        out["callbacks"] = {k: v for k, v in out["callbacks"].items() if "progress" not in k}
-    return out
 
 
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 8) -> list[str]:

@@ -515,9 +515,12 @@ def record_slurm_end(job: PlannedJob, info: dict[str, Any]) -> str:
         rec["output_dir"] = job.out_dir
         rec["started"] = None
     job_error = rec.get("error")
+    note = None
+    if job_error and str(job_error.get("type", "")).startswith("SLURM"):  # the job's own note of a signal
+        note, job_error = job_error.get("message"), job_error.get("job_error")
     rec["status"] = "failed"
     rec["error"] = {"type": f"SLURM {info['state']}", "message": info["reason"], "traceback": "",
-                    **({"job_error": job_error} if job_error else {})}
+                    **({"note": note} if note else {}), **({"job_error": job_error} if job_error else {})}
     rec["slurm"] = info
     rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     try:

@@ -14,10 +14,26 @@ from typing import Any
 import io
 from typing import Mapping, Sequence
 
+from omegaconf import DictConfig, OmegaConf
+
 import numpy as np
 
 from subgroup_robustness.utils.errors import CorruptDataError
 from subgroup_robustness.utils.io import atomic_write_bytes, atomic_write_json, read_json, read_json_record
+
+# not part of what a run computes: where it writes, how it logs, what it measures besides the metrics
+RUN_KEYS_EXCLUDED = ("paths", "logger", "hydra", "print_config", "skip_existing", "cache_base", "measure")
+
+
+def identity_payload(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """What changes a run's results: the resolved config without paths, logging and measurement knobs;
+    callbacks count (early stopping and selection change the model), the progress bar does not."""
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    out = {k: v for k, v in c.items() if k not in RUN_KEYS_EXCLUDED}
+    if isinstance(out.get("callbacks"), dict):
+        out["callbacks"] = {k: v for k, v in out["callbacks"].items() if "progress" not in k}
+    return out
+
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"

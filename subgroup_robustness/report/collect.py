@@ -178,7 +178,7 @@ def run_row(path: Path, rec: dict[str, Any]) -> dict[str, Any]:
     return {
         "dir": str(path.parent),
         "status": rec.get("status", "unknown") if isinstance(rec.get("status"), str) else "unknown",
-        "experiment": run.get("experiment", "default"),
+        "experiment": run.get("experiment") or "default",
         "dataset": run.get("dataset"),
         "model": run.get("model"),
         "compressor": run.get("compressor", "none"),
@@ -503,7 +503,13 @@ def collect(paths: Iterable[str | Path] | str | Path, selection: str | None = No
     runs["selected_epoch"], runs["selection"] = math.nan, None
     runs["selection"] = runs["selection"].astype(object)
     for i, r in runs[runs["status"] == "completed"].iterrows():
-        again = sel.reselect(records[r["dir"]], selection)
+        try:
+            again = sel.reselect(records[r["dir"]], selection)
+        except Exception as exc:  # noqa: BLE001 - a history of the wrong shape: the run keeps its own epoch
+            again = sel.Reselection("no_history" if selection else "own", detail=f"{type(exc).__name__}: {exc}")
+            if selection:
+                problems.append(f"{Path(r['dir']) / RESULTS_FILE}: unreadable history ({type(exc).__name__}); "
+                                "the run keeps its own epoch")
         reselected[r["dir"]] = again
         runs.at[i, "selected_epoch"] = again.epoch if again.epoch is not None else math.nan
         runs.at[i, "selection"] = again.status

@@ -43,7 +43,8 @@ TOP_GROUPS = 3
 
 def safe_name(name: str) -> str:
     """A setting's name as a file name (``pr40 [group_dro] {x=1}`` -> ``pr40_group_dro_x=1``)."""
-    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9.+=,-]", "_", str(name))).strip("_") or "setting"
+    safe = re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9.+=,-]", "_", str(name))).strip("_") or "setting"
+    return safe if len(safe) <= 100 else f"{safe[:80]}-{stable_hash(str(name), 8)}"
 
 
 # ---- the dataset's texts, from local data only ---------------------------------------------------------
@@ -106,7 +107,7 @@ class Texts:
 
 
 def attach_text(frame: pd.DataFrame, table: pd.DataFrame | str, columns: list[str],
-                metadata: dict[int, np.ndarray]) -> str | None:
+                metadata: tuple[np.ndarray, np.ndarray] | None) -> str | None:
     """Fill ``frame["text"]`` from the dataset table; None, or why not (the table is not the one tested)."""
     if isinstance(table, str):
         return table
@@ -117,9 +118,12 @@ def attach_text(frame: pd.DataFrame, table: pd.DataFrame | str, columns: list[st
     if "label" in rows and len(rows) and not np.array_equal(rows["label"].to_numpy(dtype=np.int64),
                                                             frame["label_id"].to_numpy(dtype=np.int64)):
         return "the dataset loaded here does not match the run's test examples (labels differ): not its data"
-    if metadata and columns and all(c in rows for c in columns):
-        meta = np.stack([metadata[i] for i in idx]) if len(idx) else np.zeros((0, len(columns)))
-        if meta.shape[1] == len(columns) and not np.array_equal(rows[columns].to_numpy(dtype=np.int64), meta):
+    if metadata is not None and columns and all(c in rows for c in columns) and len(idx):
+        ids, values = metadata  # the run's saved metadata, rows sorted by example id
+        at = np.clip(np.searchsorted(ids, idx), 0, len(ids) - 1)
+        meta = values[at]
+        if (ids[at] == idx).all() and meta.shape[1] == len(columns) and \
+                not np.array_equal(rows[columns].to_numpy(dtype=np.int64), meta):
             return "the dataset loaded here does not match the run's test examples (attributes differ): not its data"
     text = rows["text"].astype(str).to_numpy() if "text" in rows else np.array([""] * len(rows))
     if "text_pair" in rows:
@@ -129,10 +133,20 @@ def attach_text(frame: pd.DataFrame, table: pd.DataFrame | str, columns: list[st
 
 
 # ---- flips per example, across seeds -------------------------------------------------------------------
-def flips_frame(col: Collection, pairs: list[tuple[Any, str, str]]) -> tuple[pd.DataFrame, list[str], int, dict]:
+def _group_labels(masks: np.ndarray, names: list[str]) -> list[str]:
+    """Each example's groups as one string ("a; b" for overlapping groups), built once per membership pattern."""
+    from subgroup_robustness.report.significance import unique_rows
+
+    patterns, inverse = unique_rows(masks)
+    text = np.array(["; ".join(n for n, m in zip(names, p) if m) for p in patterns], dtype=object)
+    return list(text[inverse.reshape(-1)])
+
+
+def flips_frame(col: Collection, pairs: list[tuple[Any, str, str]]
+                ) -> tuple[pd.DataFrame, list[str], int, tuple[np.ndarray, np.ndarray] | None]:
     """(per example and seed: index, seed, flip, c2w, w2c, label_id, group names; the group names; seeds
-    compared; example metadata by index) for a row's (seed, run dir, base dir) pairs."""
-    frames, names, meta = [], [], {}
+    compared; (example ids, their saved metadata) of one run) for a row's (seed, run dir, base dir) pairs."""
+    frames, names, meta = [], [], None
     for seed, run_dir, base_dir in pairs:
         a, b = col.predictions(run_dir), col.predictions(base_dir)
         if a is None or b is None or a.pred is None or b.pred is None:
@@ -143,8 +157,7 @@ def flips_frame(col: Collection, pairs: list[tuple[Any, str, str]]) -> tuple[pd.
             continue
         masks = a.masks[ia] if a.masks is not None else (b.masks[ib] if b.masks is not None else None)
         names = names or (a.group_names if a.masks is not None else b.group_names)
-        groups = (["; ".join(n for n, m in zip(names, row) if m) for row in masks] if masks is not None
-                  else [""] * len(common))
+        groups = _group_labels(masks, names) if masks is not None else [""] * len(common)
         frames.append(pd.DataFrame({
             "index": common.astype(np.int64), "seed": seed, "flip": a.pred[ia] != b.pred[ib],
             "c2w": b.correct[ib] & ~a.correct[ia], "w2c": ~b.correct[ib] & a.correct[ia],
@@ -152,8 +165,8 @@ def flips_frame(col: Collection, pairs: list[tuple[Any, str, str]]) -> tuple[pd.
         if masks is not None:
             for j, g in enumerate(names):
                 frames[-1][f"in:{g}"] = masks[:, j]
-        if a.metadata is not None:
-            meta.update({int(i): a.metadata[k] for k, i in zip(ia, common)})
+        if meta is None and a.metadata is not None:
+            meta = (common.astype(np.int64), a.metadata[ia])
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=["index", "seed", "flip", "c2w", "w2c", "label_id", "group"])
     return df, names, len(frames), meta

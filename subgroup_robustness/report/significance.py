@@ -70,10 +70,24 @@ def load_predictions(path: str | Path, dataset_cfg: Mapping | None) -> Predictio
 
 
 # ---- the bootstrap ------------------------------------------------------------------------------------
+def unique_rows(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(masks, axis=0, return_inverse=True)`` for a boolean (N, G) matrix — the same patterns in the
+    same (lexicographic) order — but through one integer code per row when G <= 63 (first column most
+    significant), which is ~20x faster on 100,000s of rows."""
+    m = np.asarray(masks, bool)
+    if m.ndim != 2 or m.shape[1] > 63 or m.shape[1] == 0:
+        patterns, inverse = np.unique(m, axis=0, return_inverse=True)
+        return patterns, inverse.reshape(-1)
+    weights = np.left_shift(np.uint64(1), np.arange(m.shape[1] - 1, -1, -1, dtype=np.uint64))
+    codes = (m.astype(np.uint64) * weights).sum(1, dtype=np.uint64)
+    uniq, inverse = np.unique(codes, return_inverse=True)
+    patterns = (uniq[:, None] & weights[None, :]) > 0
+    return patterns, inverse.reshape(-1)
+
+
 def _strata(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(P, G) distinct membership patterns and each example's pattern."""
-    patterns, inverse = np.unique(masks.astype(bool), axis=0, return_inverse=True)
-    return patterns, inverse.reshape(-1)
+    return unique_rows(masks)
 
 
 def _metrics(correct_per_stratum: np.ndarray, patterns: np.ndarray, n_per_stratum: np.ndarray):

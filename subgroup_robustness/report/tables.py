@@ -136,7 +136,8 @@ def _fill_flips(col: Collection, part: pd.DataFrame, pairs: list[tuple[Any, str,
         part.at[i, "flip_rate"] = float(np.mean(a.pred[ia] != b.pred[ib]))
         if a.probs is not None and b.probs is not None and math.isnan(part.at[i, "kl"]):
             try:
-                part.at[i, "kl"] = float(kl_divergence(b.probs[ib].astype(np.float64), a.probs[ia].astype(np.float64)).mean())
+                kl = kl_divergence(b.probs[ib].astype(np.float64), a.probs[ia].astype(np.float64))
+                part.at[i, "kl"] = float(kl.mean())
             except ValueError:
                 pass
     return part
@@ -154,7 +155,8 @@ def summarize(col: Collection, n_boot: int = 2000, seed: int = 0,
             "experiment": exp, "dataset": ds, "setting": setting, "setting_name": first["setting_name"],
             "variant": first["variant"] or "", "family": first["family"], "row_order": int(part["row_order"].iloc[0]),
             "model": first["model"], "compressor": first["compressor"],
-            "seeds": int(part["seed"].nunique()), "seed_list": ",".join(map(str, sorted(int(s) for s in part["seed"].unique()))),
+            "seeds": int(part["seed"].nunique()),
+            "seed_list": ",".join(map(str, sorted(int(s) for s in part["seed"].unique()))),
             "size_mb": _mean(part["size_mb"]), "params": _mean(part["params"]),
         }
         degenerate = part[part["degenerate"]]
@@ -433,13 +435,14 @@ def write_tables(summary: pd.DataFrame, out_dir: Path, col: Collection | None = 
 # ---- headlines: the only ranking, and it never ranks a degenerate row --------------------------------
 def headlines(summary: pd.DataFrame) -> list[str]:
     """Per table, in words: which Δ WGA intervals exclude zero against the base and against the control,
-    and the largest drop and gain — degenerate rows are listed apart, never ranked."""
+    and the largest drop and gain among the compressed rows (the controls are not compressions) —
+    degenerate rows, and rows compared with a degenerate base, are listed apart, never ranked."""
     lines: list[str] = []
     for (exp, ds), part in summary.groupby(["experiment", "dataset"], sort=True):
         cand = part[(part["base"].astype(bool)) & ~part["degenerate"].astype(bool)
                     & ~_col(part, "base_degenerate", False).astype(bool)]
         lines.append(f"**{exp}: {ds}**")
-        ranked = cand[cand["d_wg_mean"].notna()].sort_values("d_wg_mean")
+        ranked = cand[cand["d_wg_mean"].notna() & (cand["family"] != "control")].sort_values("d_wg_mean")
         lo, hi = (ranked.iloc[0], ranked.iloc[-1]) if len(ranked) else (None, None)
         if lo is not None and lo["d_wg_mean"] < 0:
             lines.append(f"- largest worst-group drop vs base: {lo['setting']} {delta(lo['d_wg_mean'])} "

@@ -196,18 +196,26 @@ def test_a_job_past_its_time_limit_is_requeued_once_then_recorded(tiny_model_dir
     args = slurm_args(tiny_model_dir, redditbias_root, "setting=base", "seed=1", "trainer.max_epochs=100000",
                       "callbacks.early_stopping=null", "hydra.launcher.timeout_min=1",
                       "hydra.launcher.signal_delay_s=30", "hydra.launcher.max_requeue=1")
-    proc = launch(args, sr_env, timeout=900)
+    log = sr_env / "sweep.log"
+    proc = start(args, sr_env, log)
     sweep = sr_env / SWEEP
+    try:
+        folder, rec = job_record(sweep, "max_epochs=100000", timeout=300, status="requeued")
+        assert "requeued (attempt 1 of at most 2)" in rec["error"]["message"], rec["error"]
+        # SLURM holds a requeued job for ~2 minutes before it may start again; release it now
+        subprocess.run(["scontrol", "update", f"JobId={slurm_id_of(sweep, folder)}", "StartTime=now"], timeout=30)
+    finally:
+        out = finish(proc, log, timeout=900)
     (folder, rec), = results(sweep).items()
     assert rec["status"] == "failed" and rec["error"]["type"] == "SLURM TIMEOUT", rec.get("error")
     assert "time limit reached (1 min" in rec["error"]["message"]
     assert rec["slurm"]["restarts"] == 1, rec["slurm"]  # requeued once, not more
     attempts = [ln for p in (sweep / ".submitit").rglob("*_log.*") for ln in p.read_text().splitlines()
-                if "Requeued job" in ln]
+                if "Requeued job" in ln and ln.startswith("submitit")]
     assert len(attempts) == 1, attempts
     s = summary(sweep)
     assert (s["state"], s["failed"]) == ("finished", 1) and "SLURM TIMEOUT" in s["failed_jobs"][0]["error"]
-    assert "SLURM TIMEOUT" in proc.stdout
+    assert "SLURM TIMEOUT" in out
 
 
 # ---- relaunch while the first launch runs ----------------------------------------------------------------

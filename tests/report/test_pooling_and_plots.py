@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.report.fakes import fake_run, md_table
+from tests.report.fakes import fake_run
 
 TINY = {"trainer": {"max_epochs": 1}, "dataset": {"subsample": {"train": 1000, "val": 300, "test": 500}}}
 FDR = {"trainer": {"max_epochs": 1, "limit_train_batches": 2},

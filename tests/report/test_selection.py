@@ -73,7 +73,7 @@ def rec(root: Path, name: str) -> dict:
 
 
 def test_default_reports_each_runs_own_epoch_and_says_which_rule(sweep, tmp_path):
-    rep = report(sweep, tmp_path / "r", None)
+    report(sweep, tmp_path / "r", None)
     md = (tmp_path / "r" / "tables" / "offline_grid" / "redditbias.md").read_text()
     assert "Model selection: the epoch each fine-tuning picked by its own rule, as run (val/acc_avg)" in md
     rows = md_table(tmp_path / "r" / "tables" / "offline_grid" / "redditbias.md")

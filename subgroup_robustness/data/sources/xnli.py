@@ -40,7 +40,9 @@ import pandas as pd
 
 from subgroup_robustness.data.sources import multinli as mnli
 from subgroup_robustness.data.sources.fetch import cached_fetch
-from subgroup_robustness.data.sources.files import REPLACE, corrupt, extract_once, fix_for, iter_jsonl, read_csv
+from subgroup_robustness.data.sources.files import (
+    REPLACE, check_complete, corrupt, extract_once, fix_for, iter_jsonl, read_csv,
+)
 from subgroup_robustness.utils.errors import ConfigError, CorruptDataError, DataUnavailableError
 
 log = logging.getLogger(__name__)
@@ -77,8 +79,22 @@ MT_HOW_TO_POINT = (
 
 
 # ---- reading XNLI-1.0 -----------------------------------------------------------------------------------
+def check_fields(path: Path, fix: str) -> None:
+    """Every line of an unquoted TSV has the header's number of fields (pandas fills a cut row with empty
+    strings when missing values are kept as text, so a short row is found here, with its line). A file
+    cut mid-line is reported as such first."""
+    check_complete(path, NAME, fix)
+    with open(path, "rb") as fh:
+        header = fh.readline()
+        want = header.count(b"\t")
+        for i, raw in enumerate(fh, 2):
+            if raw.strip(b"\r\n") and raw.count(b"\t") < want:
+                raise corrupt(NAME, path, "the row is short of fields", line=i, text=raw, fix=fix)
+
+
 def _read_tsv(path: Path, fix: str) -> pd.DataFrame:
     """XNLI's TSV: no quoting (sentences keep raw quotes), one row per line after the header."""
+    check_fields(path, fix)
     df = read_csv(path, NAME, fix, complete=True, sep="\t", quoting=csv.QUOTE_NONE, dtype=str,
                   keep_default_na=False, usecols=lambda c: c in FIELDS, encoding="utf-8")
     missing = [c for c in FIELDS if c not in df.columns]
@@ -222,6 +238,7 @@ def _mt_folder(path: Path) -> Path:
 
 
 def _read_mt(path: Path, fix: str) -> pd.DataFrame:
+    check_fields(path, fix)
     df = read_csv(path, NAME, fix, complete=True, sep="\t", quoting=csv.QUOTE_NONE, dtype=str,
                   keep_default_na=False, encoding="utf-8")
     need = ["premise", "hypo", "label"]
