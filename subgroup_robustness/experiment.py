@@ -11,7 +11,10 @@ compressor by name."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -420,6 +423,28 @@ def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 8)
     return keys[:limit] + ([f"... {len(keys) - limit} more"] if len(keys) > limit else [])
 
 
+class Terminated(SystemExit):
+    """SIGTERM (a scheduler's cancel or time limit, a parent that went away): recorded, then the process ends."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """Turn SIGTERM into an exception inside the job, so its results.json says how it ended instead of
+    staying at 'running' (Python's default SIGTERM handling runs no ``finally``)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(143)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _interrupted(exc: BaseException) -> bool:
     """Ctrl-C, also after Lightning turned it into ``sys.exit(1)`` inside its KeyboardInterrupt handler."""
     return isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit)
@@ -429,6 +454,8 @@ def _interrupted(exc: BaseException) -> bool:
 def _error_message(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename:  # disk full, read-only folder: name the path
         return f"cannot write or read {exc.filename}: {exc.strerror or exc}"
+    if isinstance(exc, Terminated):
+        return "terminated by SIGTERM (cancelled, past its time limit, or its parent sweep went away)"
     return str(exc)
 
 
@@ -459,8 +486,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 keys = changed_keys(previous.get("config") or {}, cfg)
                 console.print(f"[yellow]re-running[/yellow]: {res_path} was computed with another config "
                               f"(changed: {', '.join(keys) or 'the run identity'})")
-        return _run_owned(cfg, out_dir, res_path, rid, previous if (previous or {}).get("status") == "completed"
-                          else None)
+        with _sigterm_raises():
+            return _run_owned(cfg, out_dir, res_path, rid,
+                              previous if (previous or {}).get("status") == "completed" else None)
     finally:
         lock.release()
         release_memory()
@@ -489,7 +517,8 @@ def _run_owned(cfg: DictConfig, out_dir: Path, res_path: Path, rid: str,
         rec["status"] = "completed"
         return rec
     except BaseException as exc:
-        rec["status"] = "interrupted" if _interrupted(exc) else "failed"
+        rec["status"] = "interrupted" if _interrupted(exc) else ("terminated" if isinstance(exc, Terminated)
+                                                                  else "failed")
         rec["error"] = {"type": type(exc).__name__, "message": _error_message(exc),
                         "traceback": traceback.format_exc(limit=20)}
         raise

@@ -38,6 +38,34 @@ def _record_config_error(cfg: DictConfig, message: str) -> None:
         pass
 
 
+def _die_with_parent() -> None:
+    """A local parallel worker (joblib/loky) must not outlive the sweep that started it: after a kill -9
+    of the sweep, orphaned workers finished two jobs and started a new one, still alive 85 s later. A
+    daemon thread watches the parent PID and ends this worker (SIGTERM: the run records it) once the
+    parent is gone. Only for joblib workers: a single run started with nohup must survive its shell."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        launcher = str(HydraConfig.get().launcher.get("_target_", ""))
+    except ValueError:
+        return
+    if "joblib" not in launcher:
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="sr-parent-watch", daemon=True).start()
+
+
 def task(cfg: DictConfig) -> float:
     from subgroup_robustness.experiment import run
     from subgroup_robustness.preflight import check_config
@@ -46,6 +74,8 @@ def task(cfg: DictConfig) -> float:
     from subgroup_robustness.utils.errors import user_error
 
     multirun = is_multirun()
+    if multirun:
+        _die_with_parent()
     started = False
     try:
         check_config(cfg)

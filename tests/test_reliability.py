@@ -141,3 +141,23 @@ def test_base_cache_run_writes_group_metadata_and_a_zero_delta_interval_covers_z
     row = compare([(1, pb, pa)], n_boot=500)["per_seed"][0]
     assert row["grouped"] and row["d_wg"] == 0.0
     assert row["d_wg_lo"] <= 0.0 <= row["d_wg_hi"] and not row["d_wg_sig"]
+
+
+def test_sigterm_is_recorded_as_terminated(env, sr_env, monkeypatch):
+    import os
+    import signal
+
+    import subgroup_robustness.experiment as ex
+
+    def killed(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # what scancel / a time limit / the parent watchdog sends
+        raise AssertionError("SIGTERM did not stop the job")
+
+    monkeypatch.setattr(ex, "execute", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as info:
+        run_in_process(env("term"))
+    assert info.value.code == 143
+    rec = json.loads((sr_env / "term" / "results.json").read_text())
+    assert rec["status"] == "terminated" and "SIGTERM" in rec["error"]["message"]
+    assert signal.getsignal(signal.SIGTERM) is before  # the job's handler is gone with the job
