@@ -192,7 +192,7 @@ def score(ctx, entry: Mapping[str, Any], on_cpu: bool = False) -> dict[str, Any]
 def extra_test_sets(ctx, rec: dict[str, Any], on_cpu: bool = False) -> dict[str, Any]:
     """Score every ``eval_datasets`` entry with the run's final model and add it to ``rec`` (see the module
     docstring); returns ``rec["eval_datasets"]`` (empty when none is configured)."""
-    from subgroup_robustness.results import encode_predictions, test_metadata
+    from subgroup_robustness.results import encode_predictions, example_metadata
     from subgroup_robustness.utils.console import console
     from subgroup_robustness.utils.io import atomic_write_bytes
 
@@ -209,7 +209,7 @@ def extra_test_sets(ctx, rec: dict[str, Any], on_cpu: bool = False) -> dict[str,
             index, label, pred = (res["predictions"][:, i].numpy() for i in range(3))
             probs = res["probabilities"]
             extra = {"probs": probs.numpy()} if probs is not None else {}
-            meta = test_metadata(res["data"].table, res["data"].columns, index)
+            meta = example_metadata(res["data"].table, res["data"].columns, index)
             fname = f"predictions_{entry['name']}.npz"
             atomic_write_bytes(Path(ctx.workdir) / fname, encode_predictions(index, label, pred, meta, **extra))
             info["predictions"] = fname

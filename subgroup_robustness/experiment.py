@@ -42,7 +42,7 @@ from subgroup_robustness.models.loading import load_model
 from subgroup_robustness.models.precision import precision_plugin
 from subgroup_robustness.report.wandb_log import log_summary
 from subgroup_robustness.results import (PREDICTIONS_FILE, RESULTS_FILE, base_record, encode_predictions,
-                                         read_predictions, read_record, test_metadata, write_results)
+                                         read_predictions, read_record, example_metadata, write_results)
 from subgroup_robustness.utils.console import console, print_group_table
 from subgroup_robustness.utils.errors import instantiate_or_explain
 from subgroup_robustness.utils.io import atomic_write_bytes, stable_hash
@@ -129,7 +129,8 @@ class RunContext:
         if result.tokenizer is not None and result.tokenizer is not self.tokenizer:
             self.tokenizer = result.tokenizer
             self.data.set_tokenizer(self.tokenizer)
-        self.teacher = result.teacher
+        if result.teacher is not None:  # kept until the fine-tuning after it ends (execute drops it)
+            self.teacher = result.teacher
 
     # ---- models ---------------------------------------------------------------------------------
     def pretrained(self):
@@ -235,7 +236,7 @@ class RunContext:
         """predictions.npz of an evaluation: every test example's label, prediction, class probabilities and
         group metadata (read from the table, so every path that produced the model writes it)."""
         index, label, pred = (evals["predictions"][:, i].numpy() for i in range(3))
-        meta = test_metadata(self.data.table, self.data.columns, index)
+        meta = example_metadata(self.data.table, self.data.columns, index)
         probs = evals.get("probabilities")
         extra = {"probs": probs.numpy()} if probs is not None else {}
         return encode_predictions(index, label, pred, meta, **extra)
@@ -302,7 +303,7 @@ def execute(ctx: RunContext, stages: list[Compressor]) -> tuple[SequenceClassifi
             for p in pending:
                 result = p.finalize(ctx)
                 if result is not None:
-                    ctx.take(Compressed(result.model, result.tokenizer, ctx.teacher))
+                    ctx.take(result)
                     module = None
             ctx.teacher = None  # held only for the fine-tuning right after the stage that set it
             pending = []
@@ -377,7 +378,7 @@ def _probe(ctx: RunContext, degenerate: bool) -> dict[str, Any]:
 
     def split(loader_factory):
         x, index = encoder_features(ctx.model, loader_factory(), at=at)
-        meta = test_metadata(ctx.data.table, ctx.data.columns, index)["metadata"].astype(np.int64)
+        meta = example_metadata(ctx.data.table, ctx.data.columns, index)["metadata"].astype(np.int64)
         return x, meta[:, 0], g.masks(torch.as_tensor(meta)).numpy()
 
     t0 = time.perf_counter()

@@ -117,7 +117,7 @@ def _small_int(a: np.ndarray) -> np.ndarray:
     return a.astype(np.int16 if a.size == 0 or (a.min() >= -(2 ** 15) and a.max() < 2 ** 15) else np.int32)
 
 
-def test_metadata(table, columns: Sequence[str], index: np.ndarray) -> dict[str, np.ndarray]:
+def example_metadata(table, columns: Sequence[str], index: np.ndarray) -> dict[str, np.ndarray]:
     """The label/attribute values of the examples ``index`` (row ids of the data module's table), for
     predictions.npz. Read from the table, not from the tokenized splits, so every path that produced the
     model (base cache included) writes them; empty when the ids do not fit the table."""

@@ -120,7 +120,7 @@ def test_compare_pairs_by_example_id_and_rejects_different_test_sets():
 
 
 def test_prediction_metadata_follows_the_saved_prediction_order(tmp_path):
-    """What the run stores next to the predictions (``results.test_metadata`` + ``write_predictions``), and
+    """What the run stores next to the predictions (``results.example_metadata`` + ``write_predictions``), and
     how the report reads it back."""
     import pandas as pd
 
@@ -135,13 +135,13 @@ def test_prediction_metadata_follows_the_saved_prediction_order(tmp_path):
     ids = rng.permutation(50) * 3  # dataset row ids of the test split, in evaluation order (unsorted)
     label, pred = table["label"].to_numpy()[ids], 1 - table["label"].to_numpy()[ids]
     pred[: 25] = label[: 25]
-    arrays = results.test_metadata(table, ["label", "a"], ids)
+    arrays = results.example_metadata(table, ["label", "a"], ids)
     expected = table[["label", "a"]].to_numpy()[ids]
     assert np.array_equal(arrays["metadata"], expected) and list(arrays["metadata_columns"]) == ["label", "a"]
     # ids that do not fit the table: nothing is invented
-    assert results.test_metadata(table, ["label", "a"], ids + 150) == {}
-    assert results.test_metadata(table, ["label", "a"], ids - 3) == {}
-    assert results.test_metadata(None, ["label", "a"], ids) == {}
+    assert results.example_metadata(table, ["label", "a"], ids + 150) == {}
+    assert results.example_metadata(table, ["label", "a"], ids - 3) == {}
+    assert results.example_metadata(None, ["label", "a"], ids) == {}
 
     path = results.write_predictions(tmp_path / results.PREDICTIONS_FILE, ids, label, pred, arrays)
     saved = results.read_predictions(path)

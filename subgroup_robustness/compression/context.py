@@ -29,6 +29,9 @@ class DataView(Protocol):
 
     def test_dataloader(self) -> Iterable[dict]: ...
 
+    @property
+    def max_length(self) -> int: ...
+
 
 @runtime_checkable
 class CompressionContext(Protocol):
@@ -63,8 +66,8 @@ class CompressionContext(Protocol):
 
 @dataclass
 class Compressed:
-    """What a stage changed. ``tokenizer=None`` keeps the current one; ``teacher`` is held by the run for
-    the fine-tuning right after this stage and dropped after it."""
+    """What a stage changed. ``tokenizer=None`` keeps the current one; ``teacher`` (None: unchanged) is held
+    by the run for the fine-tuning right after this stage and dropped after it."""
 
     model: nn.Module
     tokenizer: Any = None
@@ -104,5 +107,6 @@ class SimpleContext:
             self.model = result.model
             if result.tokenizer is not None:
                 self.tokenizer = result.tokenizer
-            self.teacher = result.teacher
+            if result.teacher is not None:
+                self.teacher = result.teacher
         return self

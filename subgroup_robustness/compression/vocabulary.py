@@ -299,7 +299,7 @@ def adapt_masked_lm(ctx: CompressionContext, mlm: nn.Module, tokenizer, epochs: 
     """A short Lightning fit of the masked-LM objective on the training texts (validation texts tell
     whether it helped)."""
     dm = ctx.data
-    max_len, seed = int(getattr(dm, "max_length", None) or 128), int(ctx.seed)
+    max_len, seed = int(dm.max_length), int(ctx.seed)
     train = mlm_loader(tokenizer, dm.texts("train"), batch_size, max_len, probability, seed, shuffle=True)
 
     def val():  # a fresh loader each time: before and after see the same masked positions

@@ -209,6 +209,11 @@ class GroupDataModule(L.LightningDataModule):
         return self.cfg["name"]
 
     @property
+    def max_length(self) -> int:
+        """Tokens per example (the dataset's ``max_length``); compressors that tokenize on their own use it."""
+        return int(self.cfg.get("max_length", 128))
+
+    @property
     def num_labels(self) -> int:
         return len(self.cfg["label_names"])
 
