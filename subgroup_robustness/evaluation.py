@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from subgroup_robustness.data.groups import PRIMARY, is_multilabel
 from subgroup_robustness.utils.errors import ConfigError
@@ -85,19 +85,13 @@ def eval_dataset_config(run_cfg: Mapping, entry: Mapping[str, Any]) -> dict[str,
     base = OmegaConf.to_container(run_cfg, resolve=False) if isinstance(run_cfg, DictConfig) else dict(run_cfg)
     base["dataset"] = OmegaConf.to_container(node, resolve=False)
     tree = OmegaConf.create(base)
-    with _open(tree):
+    with open_dict(tree):
         block = tree.dataset.pop("eval", None)
         if block is not None:
             tree.dataset = OmegaConf.merge(tree.dataset, block)
         if entry.get("overrides"):
             tree.dataset = OmegaConf.merge(tree.dataset, OmegaConf.create(dict(entry["overrides"])))
     return OmegaConf.to_container(tree.dataset, resolve=True)  # type: ignore[return-value]
-
-
-def _open(cfg):
-    from omegaconf import open_dict
-
-    return open_dict(cfg)
 
 
 def check_compatible(name: str, run_dataset: Mapping, dataset: Mapping) -> None:

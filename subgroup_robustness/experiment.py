@@ -29,12 +29,14 @@ from subgroup_robustness.compression.base import Compressor
 from subgroup_robustness.compression.chain import fit_schedule, validate_chain
 from subgroup_robustness.compression.context import Compressed
 from subgroup_robustness.data.datamodule import GroupDataModule
-from subgroup_robustness.data.groups import PRIMARY
+from subgroup_robustness.data.groups import PRIMARY, is_multilabel
+from subgroup_robustness.evaluation import (extra_test_set_lines, extra_test_sets, print_multilabel_table,
+                                             worst_group_line)
 from subgroup_robustness.metrics.callbacks import BestWeights, GroupMetrics
 from subgroup_robustness.metrics.comparison import prediction_metrics
 from subgroup_robustness.metrics.degenerate import degeneracy
 from subgroup_robustness.metrics.probe import dfr_probe, encoder_features
-from subgroup_robustness.metrics.group_metrics import flatten_metrics
+from subgroup_robustness.metrics.group_metrics import flatten_metrics, is_multilabel_result
 from subgroup_robustness.models.base_cache import BaseCache, base_key
 from subgroup_robustness.models.classifier import SequenceClassifier
 from subgroup_robustness.models.figures import cpu_latency_ms, model_figures
@@ -336,12 +338,14 @@ def record(rec: dict[str, Any], ctx: RunContext, stages: list[Compressor], evals
     if evals["predictions"] is not None:
         atomic_write_bytes(ctx.workdir / PREDICTIONS_FILE, ctx.prediction_bytes(evals))
         rec["predictions"] = PREDICTIONS_FILE
+    if evals["predictions"] is not None and not is_multilabel(cfg.dataset):  # single-label: F1, ECE, flips, degeneracy
         rec["metrics"]["test"].update(_prediction_metrics(ctx, rec, stages))
         pred = evals["predictions"][:, 2].numpy()
         rec["degenerate"] = degeneracy(pred, len(ctx.label_names), model=ctx.model, label_names=ctx.label_names)
         if rec["degenerate"]["degenerate"]:
             console.print(f"[bold yellow]degenerate model[/bold yellow]: {'; '.join(rec['degenerate']['reasons'])} "
                           "(flagged in results.json; the report marks it and never ranks it)")
+    extra_test_sets(ctx, rec, on_cpu=any(s.eval_on_cpu for s in stages))  # eval_datasets=[...]: test_<name>/...
     if (cfg.get("analysis") or {}).get("probe"):
         rec["probe"] = _probe(ctx, degenerate=bool((rec.get("degenerate") or {}).get("degenerate")))
         rec["metrics"]["probe"] = flatten_metrics("probe", None, rec["probe"]["groups"])
@@ -567,10 +571,15 @@ def summarize(rec: dict[str, Any]) -> None:
     run = rec["run"]
     base = (rec.get("base") or {}).get("groups", {}).get("test", {}).get(PRIMARY) if rec.get("base") else None
     title = f"test accuracy by group — {run['dataset']} / {run['model']} / {run['compressor']} / seed {run['seed']}"
-    print_group_table(title, rec["groups"]["test"][PRIMARY], base)
+    if is_multilabel_result(rec["groups"]["test"][PRIMARY]):
+        print_multilabel_table(title.replace("accuracy", "F1"), rec["groups"]["test"][PRIMARY], base)
+    else:
+        print_group_table(title, rec["groups"]["test"][PRIMARY], base)
     for name, res in rec["groups"]["test"].items():
         if name != PRIMARY:
-            console.print(f"  {name}: worst-group {100 * res['acc_wg']:.2f}% over {len(res['acc'])} groups")
+            console.print(f"  {name}: {worst_group_line(res)}")
+    for line in extra_test_set_lines(rec):
+        console.print(f"  {line}")
     m = rec["model"]
     console.print(f"  model: {m['params']:,} params, {m['size_mb']:.2f} MB; "
                   f"results: {Path(rec['output_dir']) / RESULTS_FILE}")

@@ -802,8 +802,8 @@ def _after_slurm_job(launcher: Any, sweep_config: DictConfig) -> None:
         r = launcher._requeue
         rec["status"] = "requeued"
         rec["error"] = {"type": "SLURM REQUEUED", "message": (
-            f"{r['why']}: requeued (attempt {r['attempt'] + 1} of at most {launcher.max_requeue + 1}); the "
-            f"requeued job resumes in this folder"), "traceback": "",
+            f"{r['why']}: requeued (requeue {r['attempt']} of at most {launcher.max_requeue}); the requeued "
+            f"job resumes in this folder"), "traceback": "",
             **({"job_error": rec["error"]} if rec.get("error") else {})}
         rec.setdefault("slurm", {})["requeues"] = r["attempt"]
         write_results(path, rec)

@@ -46,6 +46,18 @@ def _writable(folder: str | os.PathLike, key: str) -> None:
                                                            if "cache" in key else "hydra.run.dir=./outputs/run"))
 
 
+def _check_tokenizer_kind(cfg: DictConfig, stages: list[Compressor]) -> None:
+    """Vocabulary transfer learns a WordPiece vocabulary: a model whose config says its tokenizer is another
+    kind (``model.tokenizer_model: unigram``, the SentencePiece models) is refused before anything loads."""
+    kind = str((cfg.get("model") or {}).get("tokenizer_model") or "wordpiece")
+    if kind != "wordpiece" and any(getattr(s, "family", None) == "vocabulary" and not getattr(s, "keep_tokenizer", False)
+                                   for s in stages):
+        raise ConfigError(
+            f"vocabulary transfer learns a WordPiece vocabulary, but model {cfg.model.get('name')!r} has a "
+            f"{kind} (SentencePiece) tokenizer; use a WordPiece model (model=mbert, bert_base, minilm_l6) or "
+            "another compressor")
+
+
 def check_config(cfg: DictConfig) -> list[Compressor]:
     """Complete and check the run's config in place (a chain is expanded into its members' stages) and
     return the built stages. Raises ConfigError (one line) for the first problem found."""
@@ -64,6 +76,10 @@ def check_config(cfg: DictConfig) -> list[Compressor]:
         raise ConfigError(f"module.lr={lr!r} must be a positive number; e.g. dataset.train.lr=2e-5")
     expand_chain(cfg)
     stages = build_stages(cfg.compressor)
+    _check_tokenizer_kind(cfg, stages)
+    from subgroup_robustness.evaluation import eval_entries
+
+    eval_entries(cfg)  # eval_datasets: names or {dataset: ...}, no duplicates (one line otherwise)
     for key in ("paths.output_dir", "paths.cache_dir"):
         if OmegaConf.select(cfg, key, default=None) is not None:
             _writable(_value(cfg, key), key)

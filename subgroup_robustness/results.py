@@ -30,6 +30,8 @@ def identity_payload(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     callbacks count (early stopping and selection change the model), the progress bar does not."""
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     out = {k: v for k, v in c.items() if k not in RUN_KEYS_EXCLUDED}
+    if not out.get("eval_datasets"):  # none: the same identity as before the key existed
+        out.pop("eval_datasets", None)
     if isinstance(out.get("callbacks"), dict):
         out["callbacks"] = {k: v for k, v in out["callbacks"].items() if "progress" not in k}
     return out

@@ -57,8 +57,10 @@ def _wordpiece_json(tokenizer) -> dict[str, Any]:
     tj = json.loads(backend.to_str()) if backend is not None else None
     if tj is None or tj["model"]["type"] != "WordPiece":
         kind = tj["model"]["type"] if tj else type(tokenizer).__name__
+        what = "a SentencePiece/Unigram" if kind == "Unigram" else f"a {kind}"
         raise ConfigError(f"vocabulary transfer trains a WordPiece tokenizer like BERT's; this model's tokenizer is "
-                          f"{kind}. Use a BERT-family model (e.g. model=minilm_l6, bert_base, distilbert).")
+                          f"{what} one (XLM-R, multilingual MiniLM and e5 are). Use a WordPiece model (e.g. "
+                          "model=mbert, minilm_l6, bert_base, distilbert) or another compressor.")
     return tj
 
 

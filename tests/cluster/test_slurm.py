@@ -109,6 +109,11 @@ def slurm_id_of(sweep: Path, folder: Path, timeout: float = 120) -> str:
     pytest.fail(f"no SLURM job id recorded for {folder}")
 
 
+def squeue_state(job_id: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                          timeout=30).stdout.strip()
+
+
 def sacct(*ids: str) -> list[dict[str, str]]:
     fields = "JobID,JobName,State,Start,End"
     out = subprocess.run(["sacct", "-X", "-P", "-o", fields, *[a for i in ids for a in ("-j", i)]],
@@ -201,9 +206,14 @@ def test_a_job_past_its_time_limit_is_requeued_once_then_recorded(tiny_model_dir
     sweep = sr_env / SWEEP
     try:
         folder, rec = job_record(sweep, "max_epochs=100000", timeout=300, status="requeued")
-        assert "requeued (attempt 1 of at most 2)" in rec["error"]["message"], rec["error"]
-        # SLURM holds a requeued job for ~2 minutes before it may start again; release it now
-        subprocess.run(["scontrol", "update", f"JobId={slurm_id_of(sweep, folder)}", "StartTime=now"], timeout=30)
+        assert "requeued (requeue 1 of at most 1)" in rec["error"]["message"], rec["error"]
+        # SLURM holds a requeued job for ~2 minutes (BeginTime) before it may start again: release it now
+        job_id = slurm_id_of(sweep, folder)
+        deadline = time.time() + 120
+        while squeue_state(job_id) != "PENDING":
+            assert time.time() < deadline, f"job {job_id} was not requeued"
+            time.sleep(0.5)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=30, check=True)
     finally:
         out = finish(proc, log, timeout=900)
     (folder, rec), = results(sweep).items()

@@ -88,3 +88,16 @@ def test_a_bitmask_past_the_labels_is_refused(tmp_path):
                        "defendant_state": [0], "split": ["train"]})
     with pytest.raises(CorruptDataError, match=r"column 'label' has value\(s\) \['1024'\] outside 0..1023"):
         validate_table(df, d)
+
+
+def test_the_hub_parquet_export_with_label_lists(tmp_path):
+    pytest.importorskip("pyarrow")
+    parts = fairlex_parts("ecthr")
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    names = {"train": "train", "val": "validation", "test": "test"}
+    for split, rows in parts.items():
+        pd.DataFrame([{"text": r["text"], "labels": r["labels"], **r["attributes"]} for r in rows]).to_parquet(
+            folder / f"ecthr-{names[split]}.parquet")
+    pd.testing.assert_frame_equal(ecthr.load(tmp_path / "c", path=folder),
+                                  ecthr.load(tmp_path / "c", path=write_fairlex(tmp_path / "j", parts)))

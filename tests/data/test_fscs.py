@@ -15,7 +15,7 @@ from subgroup_robustness.data.sources import fairlex, fscs
 from subgroup_robustness.utils.errors import ConfigError, CorruptDataError, DataUnavailableError
 from subgroup_robustness.utils.io import sha256_file
 from tests.data.fixtures import UNREACHABLE, run_overrides, serve, write_fairlex, zip_fairlex
-from tests.data.multilingual_fixtures import FSCS_RELEASE, fairlex_parts
+from tests.data.multilingual_fixtures import fairlex_parts
 from tests.helpers import compose, run_in_process
 
 

@@ -110,7 +110,7 @@ def _source_modules():
 
 def test_every_source_exports_its_vocabulary():
     names = dict(_source_modules())
-    assert set(names) == {"civilcomments", "multinli", "redditbias", "scotus"}
+    assert set(names) == {"cail", "civilcomments", "ecthr", "fscs", "mhc", "multinli", "redditbias", "scotus", "xnli"}
     for name, module in names.items():
         assert len(module.LABELS) >= 2 and all(isinstance(x, str) for x in module.LABELS), name
         assert all(len(v) >= 2 for v in module.ATTRIBUTES.values()), name

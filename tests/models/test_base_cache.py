@@ -50,9 +50,9 @@ def test_first_run_trains_and_stores_the_base(shared):
     assert "base_finetune" in phases(rec) and rec["base"]["reused"] is False
     assert entries(shared.cache) == [rec["base"]["key"]]
     assert (Path(rec["base"]["cache_dir"]) / MARKER).exists()
-    # dq: int8 Linear weights, a smaller file and fewer float parameters than the base
+    # dq (torch.ao, the paper's): qint8 Linear weights, a smaller file and fewer float parameters than the base
     model, base = rec["model"], rec["base"]["figures"]
-    assert model["weight_dtypes"].get("torch.int8", 0) > 0 and model["eval_device"] == "cpu"
+    assert model["weight_dtypes"].get("torch.qint8", 0) > 0 and model["eval_device"] == "cpu"  # the paper's torch.ao dq
     assert model["size_mb"] < base["size_mb"] and model["params"] < base["params"]
     assert rec["compression"]["stages"][0]["cpu_latency_ms_per_example"]["after"] > 0
 

@@ -121,7 +121,8 @@ def read_language(path: Path, language: str, fix: str = REPLACE) -> pd.DataFrame
         "language": LANGUAGES.index(FILE_LANGUAGES[language]),
         "functionality": func.astype(int).to_numpy(),
         "disagreement": df["disagreement_in_template"].str.strip().str.lower().eq("true").to_numpy(),
-        "case_id": df["mhc_case_id"].to_numpy() if "mhc_case_id" in df.columns else [f"{language}-{i + 1}" for i in range(len(df))],
+        "case_id": (df["mhc_case_id"].to_numpy() if "mhc_case_id" in df.columns
+                    else [f"{language}-{i + 1}" for i in range(len(df))]),
     })
 
 

@@ -41,7 +41,7 @@ import pandas as pd
 from subgroup_robustness.data.sources import multinli as mnli
 from subgroup_robustness.data.sources.fetch import cached_fetch
 from subgroup_robustness.data.sources.files import (
-    REPLACE, check_complete, corrupt, extract_once, fix_for, iter_jsonl, read_csv,
+    check_complete, corrupt, extract_once, fix_for, iter_jsonl, read_csv,
 )
 from subgroup_robustness.utils.errors import ConfigError, CorruptDataError, DataUnavailableError
 
