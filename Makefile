@@ -6,10 +6,10 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast bench grid report clean help
+.PHONY: install run test test-fast test-cluster bench grid report notebook clean help
 
 help:
-	@echo "make install | run [ARGS='compressor=dq'] | test | test-fast | bench | grid | report | clean"
+	@echo "make install | run [ARGS='compressor=dq'] | test | test-fast | test-cluster | bench | grid | report | notebook | clean"
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# The SLURM tests on a one-node cluster started here (root; installs Debian's slurm/munge/slurmdbd/MariaDB when
+# missing) and stopped afterwards: tests/cluster/cluster.sh. PYTEST_ARGS go to pytest, e.g. PYTEST_ARGS='-k cancel'.
+test-cluster: install
+	PYTHON=$(abspath $(BIN))/python tests/cluster/cluster.sh test $(PYTEST_ARGS)
+
 # ARGS here go to run_all.py, e.g. ARGS='--quick' or ARGS='--only train,eval'
 bench: install
 	$(BIN)/python -c "import accelerate" 2>/dev/null || $(BIN)/python -m pip install --quiet -e ".[bench]"
@@ -41,6 +46,12 @@ grid: install
 
 report: install
 	$(BIN)/python -m subgroup_robustness.report logs $(ARGS)
+
+# notebooks/analysis.ipynb in JupyterLab (the `notebook` extra, installed on first use). ARGS go to jupyter lab,
+# e.g. ARGS='--no-browser --port 8899'.
+notebook: install
+	$(BIN)/python -c "import jupyterlab" 2>/dev/null || $(BIN)/python -m pip install --quiet -e ".[notebook]"
+	$(BIN)/python -m jupyterlab notebooks/analysis.ipynb $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
 
 clean:
 	rm -rf logs outputs multirun .pytest_cache

@@ -14,7 +14,7 @@ Per extra test set ``<name>``, results.json gets (``prefix`` = ``test_<name>``):
   (per language: ``test_xnli/lang_sw/acc_wg``);
 - ``groups["test_<name>"]``: the per-grouping results (as ``groups["test"]``);
 - ``eval_datasets[<name>]``: what was scored (dataset, split, examples, label names on both sides, seconds,
-  the predictions file);
+  the predictions file, the resolved dataset config `dataset_config`);
 - ``predictions_<name>.npz`` beside results.json (``results.read_predictions`` reads it).
 
 The text is tokenized with the run's final tokenizer (after vocabulary transfer, the new one). Labels are
@@ -178,7 +178,8 @@ def score(ctx, entry: Mapping[str, Any], on_cpu: bool = False) -> dict[str, Any]
     n = gm.results["test"][PRIMARY]["n"]
     info = {"dataset": dataset["name"], "split": entry["split"], "prefix": prefix, "examples": int(n),
             "label_names": list(dataset["label_names"]), "run_label_names": list(run_dataset["label_names"]),
-            "groupings": list(gm.results["test"]), "seconds": time.perf_counter() - t0}
+            "groupings": list(gm.results["test"]), "seconds": time.perf_counter() - t0,
+            "dataset_config": dataset}  # the resolved config scored: the report rebuilds per-language groups from it
     return {"prefix": prefix, "metrics": metrics, "groups": gm.results["test"], "info": info,
             "predictions": gm.test_predictions(), "probabilities": gm.test_probabilities(), "data": dm}
 

@@ -1,6 +1,8 @@
-"""The grid: experiment configs, deterministic job folders, joblib / basic / submitit_local launchers,
-skip-on-relaunch, kill-and-resume, failed jobs recorded without stopping the sweep, group metrics under
-two real (gloo) processes, and W&B offline logging."""
+"""The grid: experiment configs, deterministic job folders, the launchers (basic_graph / local (joblib) /
+submitit_local; the SLURM ones in tests/cluster) planning the sweep as a job graph (complete jobs not run,
+jobs live elsewhere not started, bases first), skip-on-relaunch, kill-and-resume, failed jobs recorded
+without stopping the sweep, SLURM outcome records and sweep summaries, the presets, the --help page, and
+group metrics under two real (gloo) processes. W&B: tests/test_wandb.py."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import pytest
 import yaml
 from omegaconf import read_write
 
-from tests.helpers import CONF, compose, run_in_process, tiny_overrides
+from tests.helpers import CONF, compose
 
 PAPER_SETTINGS = ["base", "bert_medium", "bert_small", "bert_mini", "bert_tiny", "distilbert", "tinybert6",
                   "tinybert4", "pr20", "pr40", "pr60", "pr80", "dq", "sq", "qat", "vt100", "vt75", "vt50", "vt25"]
@@ -101,9 +103,10 @@ def summary(sweep: Path) -> dict:
 
 
 def test_joblib_grid_then_relaunch_skips_everything(tiny_model_dir, redditbias_root, sr_env):
-    """3 settings x 2 seeds in 2 parallel joblib workers; the report reads it; a relaunch redoes nothing."""
+    """3 settings x 2 seeds in 2 parallel joblib workers (hydra/launcher=local): the two base fine-tunes
+    first, then the jobs that start from them; the report reads it; a relaunch redoes nothing."""
     args = grid_cli(tiny_model_dir, redditbias_root, "setting=base,dq,pr40", "seed=1,2",
-                    "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+                    "hydra/launcher=local", "hydra.launcher.n_jobs=2")
     proc = launch(args, sr_env)
     sweep = sr_env / "logs" / "offline_grid" / "multirun"
     first = results(sweep)
@@ -112,7 +115,11 @@ def test_joblib_grid_then_relaunch_skips_everything(tiny_model_dir, redditbias_r
         {(c, s) for c in ("none", "dq", "pr40") for s in (1, 2)}
     assert all(d.startswith("redditbias/model=local,seed=") and ",h=" in d for d in first)
     assert (summary(sweep)["done"], summary(sweep)["failed"]) == (6, 0)
-    assert "[sweep" in proc.stdout and "done 6" in proc.stdout
+    assert "[sweep" in proc.stdout and "done 6" in proc.stdout and "ETA" in proc.stdout
+    assert "2 base fine-tunes first, 4 jobs after them" in proc.stdout
+    bases_done = max(r["finished"] for r in first.values() if r["run"]["compressor"] == "none")
+    assert all(r["started"] >= bases_done for r in first.values() if r["run"]["compressor"] != "none")
+    assert all(r["base"]["reused"] for r in first.values() if r["run"]["compressor"] != "none")
 
     from subgroup_robustness.report import write_report
 
@@ -133,7 +140,7 @@ def test_joblib_grid_then_relaunch_skips_everything(tiny_model_dir, redditbias_r
 
 def test_a_failed_joblib_job_is_recorded_and_the_sweep_goes_on(tiny_model_dir, redditbias_root, sr_env):
     args = grid_cli(tiny_model_dir, redditbias_root, "setting=base", "seed=1", "trainer.max_epochs=1,-5",
-                    "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+                    "hydra/launcher=local", "hydra.launcher.n_jobs=2")
     proc = launch(args, sr_env)
     sweep = sr_env / "logs" / "offline_grid" / "multirun"
     by_status = {r["status"]: r for r in results(sweep).values()}
@@ -198,6 +205,125 @@ def test_local_and_slurm_launcher_configs_compose():
     assert la.array_parallelism > 0 and la.timeout_min > 0 and la.mem_gb > 0
 
 
+def test_a_job_live_elsewhere_is_not_started_and_is_reported(tiny_model_dir, redditbias_root, sr_env):
+    """A job folder whose owner lock is held by a live process (here: this test) is not run by a launch;
+    the summary says who runs it; the other job runs."""
+    from subgroup_robustness.utils.locks import JobLock
+
+    sweep = sr_env / "logs" / "offline_grid" / "multirun"
+    launch(grid_cli(tiny_model_dir, redditbias_root, "setting=base", "seed=2"), sr_env)  # makes the job's folder
+    folder = next(p.parent for p in sweep.rglob("results.json") if "seed=2" in p.parent.name)
+    (folder / "results.json").unlink()  # not complete any more: a launch would run it again...
+    lock = JobLock(folder)
+    assert lock.acquire()  # ...but a live process owns it
+    try:
+        proc = launch(grid_cli(tiny_model_dir, redditbias_root, "setting=base", "seed=1,2"), sr_env)
+    finally:
+        lock.release()
+    assert "1 live elsewhere (not launched)" in proc.stdout
+    s = summary(sweep)
+    assert (s["done"], s["elsewhere"]) == (1, 1) and f"pid {os.getpid()}" in s["elsewhere_jobs"][0]["owner"]
+    assert not (folder / "results.json").exists()  # never started by the launch
+
+
+def test_slurm_presets_compose_with_the_documented_options():
+    la = compose(["experiment=offline_grid", "hydra/launcher=slurm_cpu", "hydra.launcher.partition=cpu",
+                  "hydra.launcher.account=lab", "hydra.launcher.qos=short", "hydra.launcher.constraint=avx512"]).hydra.launcher
+    assert la._target_.endswith("SlurmGraphLauncher") and la.gpus_per_node == 0 and la.cpus_per_task == 4
+    assert (la.partition, la.account, la.qos, la.constraint) == ("cpu", "lab", "short", "avx512")
+    assert la.max_requeue >= 1 and la.signal_delay_s > 0 and la.setup and not any("activate" in x for x in la.setup)
+    gpu = compose(["hydra/launcher=slurm"]).hydra.launcher
+    assert gpu.gpus_per_node == 1 and gpu.mem_gb >= 16 and gpu.timeout_min >= 60
+    assert compose(["experiment=offline_grid"]).hydra.launcher._target_.endswith("BasicGraphLauncher")
+
+
+def test_job_names_and_host_dependent_identity():
+    from omegaconf import OmegaConf, open_dict
+
+    from subgroup_robustness.experiment import run_identity
+    from subgroup_robustness.launchers import job_name, same_identity
+    from subgroup_robustness.utils.compose import compose as sr_compose
+
+    cfg = sr_compose(["experiment=offline_grid", "setting=pr40", "seed=3"], out_dir="/tmp/x", resolve=False,
+                     fresh=True)
+    assert job_name(cfg, ["setting=pr40", "seed=3"]) == "redditbias-pr40-s3"
+    assert job_name(cfg, ["compressor=pr40", "model=bert_tiny", "seed=3"]).startswith("redditbias-")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    stored = {"run_id": run_identity(cfg), "config": resolved}
+    assert same_identity(cfg, stored)
+    # the same job resolved on another machine: `auto` precision became bf16 there
+    other = OmegaConf.create(resolved)
+    with open_dict(other):
+        other.trainer.precision = "bf16-mixed" if resolved["trainer"]["precision"] != "bf16-mixed" else "32-true"
+    gpu_record = {"run_id": run_identity(other), "config": OmegaConf.to_container(other)}
+    assert same_identity(cfg, gpu_record)  # recognised: the host-dependent value is taken from the record
+    with open_dict(other):
+        other.seed = 4
+    assert not same_identity(cfg, {"run_id": run_identity(other), "config": OmegaConf.to_container(other)})
+
+
+def test_slurm_reasons_and_outcome_records(tmp_path):
+    from subgroup_robustness.launchers import PlannedJob, normal_state, record_slurm_end, slurm_reason
+
+    params = {"timeout_min": 60, "mem_gb": 4}
+    assert normal_state("CANCELLED by 1000") == "CANCELLED" and normal_state("") == "UNKNOWN"
+    err = "slurmstepd: error: *** JOB 12 ON node3 CANCELLED AT 2026-01-01T10:00:00 DUE TO TIME LIMIT ***"
+    assert slurm_reason("TIMEOUT", "TIMEOUT", err, params, {"NodeList": "node3"}) == \
+        "time limit reached (60 min, hydra.launcher.timeout_min) (at 2026-01-01T10:00:00, on node3)"
+    assert slurm_reason("CANCELLED", "CANCELLED by 1000", "", params, {}) == "cancelled (scancel by uid 1000)"
+    oom = "slurmstepd: error: Detected 1 oom_kill event in StepId=12.0. Some of the step tasks have been OOM Killed."
+    assert slurm_reason("OUT_OF_MEMORY", "OUT_OF_MEMORY", oom, params, {}).startswith("out of memory: the job used more than its 4 GB")
+    assert slurm_reason("NODE_FAIL", "NODE_FAIL", "", params, {}) == "its node failed"
+
+    job = PlannedJob(3, ["seed=1"], out_dir=str(tmp_path / "job"), label="job", run_id="abc",
+                     summary={"dataset": "d", "compressor": "none", "seed": 1})
+    line = record_slurm_end(job, {"job_id": "12", "state": "CANCELLED", "reason": "cancelled (scancel)"})
+    rec = json.loads((tmp_path / "job" / "results.json").read_text())  # a job that never started: a record all the same
+    assert line == "SLURM CANCELLED: cancelled (scancel)"
+    assert (rec["status"], rec["error"]["type"], rec["slurm"]["job_id"], rec["run"]["dataset"]) == \
+        ("failed", "SLURM CANCELLED", "12", "d")
+    rec.update(status="completed", error=None)  # a job that completed just before SLURM ended it stays complete
+    (tmp_path / "job" / "results.json").write_text(json.dumps(rec))
+    record_slurm_end(job, {"job_id": "12", "state": "TIMEOUT", "reason": "time limit reached"})
+    assert json.loads((tmp_path / "job" / "results.json").read_text())["status"] == "completed"
+
+
+def test_progress_counts_eta_and_summary(tmp_path):
+    from subgroup_robustness.sweep import (counts_text, eta_seconds, fmt_eta, record_state, tally,
+                                           write_summary)
+    from subgroup_robustness.utils.io import atomic_write_json
+
+    folder = tmp_path / ".progress" / "launch1"
+    atomic_write_json(folder / "total.json", {"total": 6, "started": "2026-01-01T00:00:00"})
+    record_state(folder, 0, "a", "/x/a", "done", seconds=100.0)
+    record_state(folder, 1, "b", "/x/b", "done", seconds=200.0)
+    record_state(folder, 2, "c", "/x/c", "skipped")
+    record_state(folder, 3, "d", "/x/d", "failed", "SLURM TIMEOUT: time limit reached", slurm={"job_id": "7"})
+    record_state(folder, 4, "e", "/x/e", "running")
+    t = tally(folder)
+    assert t["counts"] == {"done": 2, "skipped": 1, "failed": 1, "elsewhere": 0, "running": 1}
+    assert t["eta_s"] == pytest.approx(150.0 * 2 / 1)  # mean 150 s x 2 jobs left, one running at a time
+    assert eta_seconds({"done": 1}, 3, [60.0], parallel=2) == pytest.approx(60.0)
+    assert fmt_eta(None) == "ETA ?" and fmt_eta(30) == "ETA ~30 s" and fmt_eta(600) == "ETA ~10 min"
+    text = counts_text(t["counts"], 6, t["eta_s"], pending=1)
+    assert text == "4/6 finished · done 2 · skipped 1 · failed 1 · running 1 · pending 1 · ETA ~5 min"
+    s = write_summary(tmp_path, folder)
+    assert json.loads((tmp_path / "sweep_summary.json").read_text()) == s
+    assert s["state"] == "finished" and s["failed_jobs"] == [
+        {"job": "d", "dir": "/x/d", "error": "SLURM TIMEOUT: time limit reached", "slurm": {"job_id": "7"}}]
+
+
+def test_help_page_shows_the_projects_examples(tmp_path):
+    from tests.helpers import run_cli
+
+    proc = run_cli(["--help"], tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    for text in ("python -m subgroup_robustness", "experiment=offline_grid", "hydra/launcher=slurm",
+                 "hydra/launcher=local", "python -m subgroup_robustness.report", "setting:", "docs/cluster.md"):
+        assert text in out, text
+
+
 # ---- group metrics under DDP ----------------------------------------------------------------------------
 def _toy_eval_set():
     import torch
@@ -255,57 +381,3 @@ def test_group_counts_are_summed_across_two_real_processes(tmp_path):
 def test_ddp_trainer_config_shards_itself():
     cfg = compose(["trainer=ddp"])
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 2 and cfg.trainer.use_distributed_sampler is False
-
-
-# ---- W&B ------------------------------------------------------------------------------------------------
-def test_wandb_offline_run_has_family_summary_and_group_table(tiny_model_dir, redditbias_root, sr_env, monkeypatch,
-                                                              caplog):
-    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(var, str(sr_env / "wandb_home"))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    out = sr_env / "run"
-    rec = run_in_process(tiny_overrides(tiny_model_dir, redditbias_root, out, "logger=wandb",
-                                        "experiment_name=wb"))
-    assert rec["status"] == "completed", rec.get("error")
-    runs = list((out / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1, list(out.rglob("*"))[:20]
-    files = runs[0] / "files"
-    tables = list((files / "media" / "table").glob("group_metrics_*.table.json"))
-    assert tables, (list(files.rglob("*")), caplog.text[-3000:])
-    table = json.loads(tables[0].read_text())
-    assert table["columns"][:3] == ["split", "grouping", "group"]
-    test_rows = {r[2]: r[4] for r in table["data"] if r[0] == "test"}
-    assert test_rows == pytest.approx(rec["groups"]["test"]["groups"]["acc"]) and len(test_rows) == 10
-    raw = next(runs[0].glob("run-*.wandb")).read_bytes()  # offline: the summary lives in the run file
-    assert b"size_mb" in raw and b"test/acc_wg" in raw and b"wb/redditbias" in raw  # grouped experiment/dataset
-
-
-def test_wandb_summary_tags_the_family_and_tables_every_group():
-    from subgroup_robustness.report.wandb_log import COLUMNS, log_summary
-
-    class FakeRun:
-        def __init__(self):
-            self.tags, self.summary, self.logged = ("offline_grid",), {}, []
-
-        def log(self, data):
-            self.logged.append(data)
-
-    class WandbLogger:  # matched by class name, as Lightning's
-        def __init__(self):
-            self.experiment = FakeRun()
-
-    res = {"acc": {"a": 0.5, "b": None}, "count": {"a": 4, "b": 0}}
-    record = {"run": {"family": "pruning", "compressor": "pr40", "dataset": "redditbias", "seed": 2},
-              "model": {"size_mb": 80.0, "params": 2e7},
-              "metrics": {"test": {"test/acc_wg": 0.5, "test/acc_avg": 0.6, "test/acc/a": 0.5}},
-              "groups": {"test": {"groups": res}}, "base": {"groups": {"test": {"groups": {"acc": {"a": 0.75}}}}}}
-    lg = WandbLogger()
-    log_summary([lg, object()], record)
-    run = lg.experiment
-    assert run.tags == ("offline_grid", "pruning", "pr40", "redditbias")
-    assert run.summary == {"size_mb": 80.0, "params": 2e7, "compressor": "pr40", "family": "pruning", "seed": 2,
-                           "test/acc_wg": 0.5, "test/acc_avg": 0.6}
-    table = run.logged[0]["group_metrics"]
-    assert table.columns == COLUMNS
-    assert table.data == [["test", "groups", "a", 4, 0.5, 0.75], ["test", "groups", "b", 0, None, None]]

@@ -111,8 +111,10 @@ class GroupMetrics(L.Callback):
         metrics = self._metrics().to(pl_module.device)
         was_training = pl_module.training
         pl_module.eval()
+        # a DataLoader iterator draws its base seed from the global RNG: without the fork, scoring the test
+        # split would shift every later dropout mask and change the trained model
         try:
-            with trainer.precision_plugin.forward_context():
+            with torch.random.fork_rng(devices=[]), trainer.precision_plugin.forward_context():
                 for batch in loader:
                     batch = trainer.strategy.batch_to_device(batch, pl_module.device)
                     preds = pl_module._eval_step(batch)["preds"]

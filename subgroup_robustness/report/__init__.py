@@ -3,12 +3,18 @@ sweep; a bad file is skipped and named, never fatal).
 
     python -m subgroup_robustness.report logs/offline_grid/multirun     # or: make report  (all of logs/)
     python -m subgroup_robustness.report logs/offline_grid/multirun --selection val/acc_wg
+
+Beyond the dataset tables: per-language tables and plots for runs with per-language groupings
+(``languages``), the same method across calibration sources (``calibration``), and macro-F1 tables for
+multi-label datasets (``tables.multilabel_table``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Sequence
+
+import pandas as pd
 
 from subgroup_robustness.report.collect import Collection, collect, status_counts
 
@@ -71,12 +77,32 @@ def write_report(paths: Sequence[str | Path] | str | Path, out: str | Path | Non
     summary.to_csv(out / "summary.csv", index=False)
     per_seed.to_csv(out / "significance.csv", index=False)
     written: dict[str, list[Path]] = {"tables": [], "plots": [], "exemplars": []}
-    extra: dict[str, list[str]] = {"Model selection": [], "Headlines": [], "Exemplars without text": []}
+    extra: dict[str, list[str]] = {"Model selection": [], "Headlines": [], "Per language": [],
+                                   "Calibration sources": [], "Exemplars without text": []}
+    languages = cal = None
+    console_lines: list[str] = []
     if len(summary):
+        from subgroup_robustness.report import calibration, languages as langs_mod
+
         written["tables"] = write_tables(summary, out, col)
         for (exp, ds), part in col.completed.groupby(["experiment", "dataset"], sort=True):
             extra["Model selection"].append(f"- {exp} / {ds}: {selection_line(col, part)}")
         extra["Headlines"] = headlines(summary)
+        languages = langs_mod.summarize(col, summary, n_boot=n_boot, seed=seed)
+        if len(languages):
+            languages.to_csv(out / "languages.csv", index=False)
+            lang_tables = langs_mod.write_tables(languages, out)
+            written["tables"] += lang_tables
+            extra["Per language"] = langs_mod.headlines(languages)
+            console_lines += [f"per-language table: {p.relative_to(out)}" for p in lang_tables if p.suffix == ".md"]
+        cal = calibration.summarize(col, summary, n_boot=n_boot, seed=seed)
+        if len(cal):
+            cal.to_csv(out / "calibration.csv", index=False)
+            cal_tables = calibration.write_tables(cal, out)
+            written["tables"] += cal_tables
+            extra["Calibration sources"] = calibration.headlines(cal)
+            console_lines += [f"calibration sources table: {p.relative_to(out)}"
+                              for p in cal_tables if p.suffix == ".md"]
         if exemplars:
             from subgroup_robustness.report.exemplars import write_exemplars
 
@@ -87,7 +113,9 @@ def write_report(paths: Sequence[str | Path] | str | Path, out: str | Path | Non
         if plots:
             from subgroup_robustness.report.plots import write_plots
 
-            written["plots"] = write_plots(summary, col.groups(), out)
+            written["plots"] = write_plots(summary, col.groups(), out, languages)
     (out / "report.md").write_text(_status_md(col, written, out, extra), encoding="utf-8")
     return {"out": out, "collection": col, "summary": summary, "significance": per_seed,
+            "languages": languages if languages is not None else pd.DataFrame(),
+            "calibration": cal if cal is not None else pd.DataFrame(), "console_lines": console_lines,
             "problems": list(col.problems), **written}

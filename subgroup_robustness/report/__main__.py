@@ -14,6 +14,9 @@ from subgroup_robustness.utils.errors import UserError
 
 CONSOLE_COLUMNS = ["Setting", "Avg acc", "Worst-group acc", "Δ WGA 95% CI", "Control",
                    "Δ WGA vs control 95% CI", "Flip %"]
+# a multi-label dataset's table (no accuracy)
+MULTILABEL_CONSOLE_COLUMNS = ["Setting", "Macro-F1 avg", "Macro-F1 worst group", "Macro-F1 group disparity",
+                              "Δ macro-F1 WG", "Δ 95% CI", "Control"]
 
 
 def selection_rules() -> tuple[str, ...]:
@@ -65,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         from rich.table import Table
 
         table = Table(title=f"{exp}: {ds}", title_justify="left")
-        shown = display_table(part)[CONSOLE_COLUMNS]
+        shown = display_table(part)
+        shown = shown[[c for c in (MULTILABEL_CONSOLE_COLUMNS if "Macro-F1 avg" in shown else CONSOLE_COLUMNS)
+                       if c in shown]]
         for c in shown.columns:
             table.add_column(c, justify="left" if c in ("Setting", "Family", "Control") else "right",
                              overflow="fold")
@@ -79,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             console.print(escape("† degenerate (never ranked): " + "; ".join(
                 f"{r['setting']}: {r['degenerate_note']}" for _, r in part[part["degenerate"]].iterrows())),
                 soft_wrap=True)
+    for line in rep.get("console_lines", []):  # per-language and calibration tables, one line each
+        console.print(escape(line), soft_wrap=True)
     if len(summary):
         console.print("Δ: percentage points against the base (and the setting's matched-compute control) of the same "
                       "seed and configuration; * = 95% interval excludes zero")

@@ -19,6 +19,15 @@ configs differ beyond the setting (compressor, model, objective) and the seed ar
 compared with each other: every row of such a table carries the differing keys, e.g.
 ``pr40 {trainer.max_epochs=1}``, and is compared with the base and the control of the same configuration.
 
+Calibration data is part of a row, not a configuration difference: a run whose compressor calibrates on
+training examples (``config.compressor.calibration.source``: natural | group_balanced | worst_group) is the
+row ``<setting>@<source>`` (``wanda50@worst_group``; ``natural``, the default draw, stays ``wanda50``), so the
+three sources of one method are three rows of one table, each pooled over its seeds and compared with the same
+base; ``report.calibration`` sets them side by side.
+
+Multi-label runs (``config.dataset.task: multilabel``, ECtHR) have no accuracy: ``task`` says so, and their
+rows carry macro-/micro-F1 (average, worst group) and FairLex's group disparity instead.
+
 A results.json that cannot be read (garbage, ``null``, truncated, a completed record without its run
 fields) becomes one ``unreadable`` row and one line in ``Collection.problems``; the rest of the report is
 written.
@@ -32,7 +41,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
@@ -56,6 +65,13 @@ POOL_IGNORED_NAMES = ("cache_dir",)
 ROW_SECTIONS = ("compressor", "model", "objective")
 # how many differing keys a row label shows (all of them are in runs.csv / summary.csv `variant`)
 VARIANT_SHOWN = 3
+# the calibration draw a row name carries (``<setting>@<source>``); the default draw is left unsuffixed
+CALIBRATION_KEY = "compressor.calibration.source"
+CALIBRATION_DEFAULT = "natural"
+CALIBRATION_SOURCES = ("natural", "group_balanced", "worst_group")
+SINGLE_LABEL, MULTILABEL = "single_label", "multilabel"
+# what a multi-label run reports in place of accuracy (results.json: test/<name>)
+MULTILABEL_METRICS = ("macro_f1_avg", "macro_f1_wg", "gd_macro_f1", "micro_f1_avg", "micro_f1_wg", "gd_micro_f1")
 
 
 class NoResultsError(UserError):
@@ -72,6 +88,7 @@ class Collection:
     # (experiment, dataset, setting) -> {"base": [(seed, run dir, base dir)], "control": [...]} (summarize)
     pairs: dict[tuple, dict[str, list[tuple[Any, str, str]]]] = field(default_factory=dict)
     _predictions: dict[str, Any] = field(default_factory=dict, repr=False)
+    _configs: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
 
     @property
     def completed(self) -> pd.DataFrame:
@@ -113,15 +130,120 @@ class Collection:
         for _, r in self.completed.iterrows():
             res = _get(self.records[r["dir"]], "groups", "test", PRIMARY, default={})
             res = res if isinstance(res, dict) else {}
-            accs = res.get("acc") if isinstance(res.get("acc"), dict) else {}
+            metric = "macro_f1" if r.get("task") == MULTILABEL else "acc"
+            accs = res.get(metric) if isinstance(res.get(metric), dict) else {}
             again = self.reselected.get(r["dir"])
             if again is not None and again.changed:
-                accs = {g: again.test.get(f"test/acc/{g}", math.nan) for g in accs}
+                accs = {g: again.test.get(f"test/{metric}/{g}", math.nan) for g in accs}
             for g, acc in accs.items():
                 rows.append({**{k: r[k] for k in KEY}, "family": r["family"], "row_order": r["row_order"],
                              "degenerate": bool(r.get("degenerate", False)),
-                             "group": g, "acc": _num(acc), "count": (res.get("count") or {}).get(g)})
-        return pd.DataFrame(rows, columns=[*KEY, "family", "row_order", "degenerate", "group", "acc", "count"])
+                             "group": g, "acc": _num(acc), "count": (res.get("count") or {}).get(g),
+                             "metric": metric})
+        return pd.DataFrame(rows, columns=[*KEY, "family", "row_order", "degenerate", "group", "acc", "count",
+                                           "metric"])
+
+    # ---- per test set (the run's own ``test`` and every extra test set ``test_<name>``) -----------------
+    def dataset_config(self, run_dir: str, prefix: str = "test") -> dict[str, Any] | None:
+        """The dataset config a run's test set ``prefix`` was scored with: ``config.dataset`` for ``test``; for an
+        extra test set, the config recorded in ``eval_datasets[<name>]`` (``dataset_config``), else the one
+        ``evaluation.eval_dataset_config`` re-composes from the run's ``eval_datasets`` entry (today's
+        ``conf/dataset/<name>.yaml``: the per-language tables check that it reproduces the recorded groups)."""
+        rec = self.records.get(run_dir) or {}
+        if prefix == "test":
+            cfg = _get(rec, "config", "dataset")
+            return cfg if isinstance(cfg, dict) else None
+        key = (run_dir, prefix)
+        if key in self._configs:
+            return self._configs[key]
+        name, info = _extra_set(rec, prefix)
+        cfg = None
+        for k in ("dataset_config", "config"):
+            if isinstance((info or {}).get(k), dict) and (info or {}).get(k):
+                cfg = info[k]
+                break
+        if cfg is None and name is not None:
+            try:
+                from subgroup_robustness.evaluation import eval_dataset_config, eval_entries
+
+                entry = next((e for e in eval_entries(rec.get("config") or {}) if e["name"] == name), None)
+                if entry is not None:
+                    cfg = eval_dataset_config(rec["config"], entry)
+            except Exception as exc:  # noqa: BLE001 - the tables stand, the intervals need the config
+                why = str(exc).splitlines()[0][:160] if str(exc) else ""
+                self.problem(f"{Path(run_dir) / RESULTS_FILE}: the config of extra test set {name!r} is not recorded "
+                             f"and could not be re-composed ({type(exc).__name__}: {why}); "
+                             "no per-language intervals for it")
+        self._configs[key] = cfg
+        return cfg
+
+    def predictions_of(self, run_dir: str, prefix: str = "test", dataset_cfg: Mapping | None = None):
+        """The predictions of a run's test set ``prefix`` (``predictions.npz``, or ``predictions_<name>.npz`` of an
+        extra test set) as ``significance.Predictions`` with their metadata, or None (named once in
+        ``problems``). ``dataset_cfg``: the config the primary masks are built from (default: the run's)."""
+        rec = self.records.get(run_dir) or {}
+        if prefix == "test" and (dataset_cfg is None or dataset_cfg == _get(rec, "config", "dataset")):
+            return self.predictions(run_dir)
+        key = f"{run_dir}\0{prefix}"
+        if key in self._predictions:
+            return self._predictions[key]
+        from subgroup_robustness.report.significance import load_predictions
+
+        if prefix == "test":
+            fname = rec.get("predictions") if isinstance(rec.get("predictions"), str) else None
+            from subgroup_robustness.results import PREDICTIONS_FILE
+
+            fname = fname or PREDICTIONS_FILE
+        else:
+            name, info = _extra_set(rec, prefix)
+            fname = (info or {}).get("predictions") if isinstance((info or {}).get("predictions"), str) else \
+                (f"predictions_{name}.npz" if name else None)
+        out = None
+        path = Path(run_dir) / fname if fname else None
+        if path is None or not path.is_file():
+            self.problem(f"{path or Path(run_dir) / ('predictions_' + prefix[5:] + '.npz')}: missing; "
+                         f"no intervals for {prefix}")
+        else:
+            cfg = dataset_cfg if dataset_cfg is not None else self.dataset_config(run_dir, prefix)
+            try:
+                out = load_predictions(path, cfg)
+            except Exception as exc:  # noqa: BLE001 - one bad file must not sink the report
+                why = (str(exc).splitlines() or [""])[0].replace(f" in {path}", "").replace(str(path), "the file")
+                self.problem(f"{path}: unreadable ({type(exc).__name__}: {why}); no intervals for {prefix}")
+        self._predictions[key] = out
+        return out
+
+    def cached_base(self, run_dir: str) -> tuple[str, Any] | None:
+        """(folder, predictions) of the cached fine-tuned base a compressed run started from
+        (``base.cache_dir`` in its results.json, with its ``predictions.npz``), when that folder is on this
+        machine: the base of a sweep that has no base run of its own (``experiment=calibration``)."""
+        rec = self.records.get(run_dir) or {}
+        cache = _get(rec, "base", "cache_dir")
+        if not isinstance(cache, str) or not cache:
+            return None
+        from subgroup_robustness.results import PREDICTIONS_FILE
+
+        path = Path(cache) / PREDICTIONS_FILE
+        if cache not in self._predictions:
+            if not path.is_file():
+                self._predictions[cache] = None
+            else:
+                from subgroup_robustness.report.significance import load_predictions
+
+                try:
+                    self._predictions[cache] = load_predictions(path, _get(rec, "config", "dataset"))
+                except Exception:  # noqa: BLE001 - a broken cache costs the row its interval only
+                    self._predictions[cache] = None
+        return (cache, self._predictions[cache]) if self._predictions[cache] is not None else None
+
+
+def _extra_set(rec: dict[str, Any], prefix: str) -> tuple[str | None, dict[str, Any] | None]:
+    """(name, ``eval_datasets[name]``) of the extra test set whose metric prefix is ``prefix``."""
+    sets = rec.get("eval_datasets") if isinstance(rec.get("eval_datasets"), dict) else {}
+    for name, info in sets.items():
+        if isinstance(info, dict) and info.get("prefix", f"test_{name}") == prefix:
+            return str(name), info
+    return (prefix[len("test_"):], None) if prefix.startswith("test_") else (None, None)
 
 
 def find_results(paths: Iterable[str | Path]) -> list[Path]:
@@ -174,6 +296,9 @@ def run_row(path: Path, rec: dict[str, Any]) -> dict[str, Any]:
     degenerate = rec.get("degenerate") if isinstance(rec.get("degenerate"), dict) else {}
     reasons = degenerate.get("reasons") if isinstance(degenerate.get("reasons"), list) else []
     control = _get(rec, "config", "compressor", "control")
+    calibration = _get(rec, "config", "compressor", "calibration")
+    source = calibration.get("source") if isinstance(calibration, dict) else None
+    task = _get(rec, "config", "dataset", "task", default=SINGLE_LABEL)
     own = sel.own_phase(rec)
     return {
         "dir": str(path.parent),
@@ -200,6 +325,10 @@ def run_row(path: Path, rec: dict[str, Any]) -> dict[str, Any]:
         "flip_c2w": _num(test.get("test/flip_c2w")),
         "flip_w2c": _num(test.get("test/flip_w2c")),
         "kl": _num(test.get("test/kl")),
+        "task": task if isinstance(task, str) else SINGLE_LABEL,
+        **{m: _num(test.get(f"test/{m}")) for m in MULTILABEL_METRICS},
+        **{f"base_{m}": _num(base_test.get(f"test/{m}")) for m in MULTILABEL_METRICS},
+        "calibration": source if isinstance(source, str) and source else None,
         "probe_acc_avg": _num(probe.get("probe/acc_avg")),
         "probe_acc_wg": _num(probe.get("probe/acc_wg")),
         "degenerate": bool(degenerate.get("degenerate", False)),
@@ -313,6 +442,9 @@ def assign_variants(runs: pd.DataFrame, flats: dict[str, dict[str, str] | None])
     runs["identity"] = ["" if f is None else stable_hash(f, 12) for f in flat_of]
     runs["context"] = ["" if f is None else stable_hash(_context(f), 12) for f in flat_of]
     runs["model_id"] = [stable_hash(_model_part(f), 12) for f in flat_of]
+    # the run's identity without its calibration source: the runs of one method that differ only in the source
+    runs["calibration_id"] = ["" if f is None or CALIBRATION_KEY not in f else
+                              stable_hash({k: v for k, v in f.items() if k != CALIBRATION_KEY}, 12) for f in flat_of]
     runs["setting_name"] = runs["setting"]
     runs["variant"] = ""
     done = runs[(runs["status"] == "completed")]
@@ -359,6 +491,9 @@ def label(row: pd.Series, reference: str | None) -> tuple[str, str]:
         setting, family = row["compressor"], row["family"]
         if reference is not None and row["model"] != reference:
             setting = f"{row['model']}+{setting}"
+        source = row.get("calibration")
+        if isinstance(source, str) and source and source != CALIBRATION_DEFAULT:
+            setting = f"{setting}@{source}"
     if row["objective"] not in (None, "erm"):
         setting = f"{setting} [{row['objective']}]"
     return setting, family
@@ -370,7 +505,7 @@ def base_label(row: pd.Series, reference: str | None) -> str:
     if not isinstance(row["compressor"], str):
         return "?"
     model = row["model"] if row["compressor"] != "none" else reference
-    return label(pd.Series({**row.to_dict(), "model": model, "compressor": "none"}), reference)[0]
+    return label(pd.Series({**row.to_dict(), "model": model, "compressor": "none", "calibration": None}), reference)[0]
 
 
 def control_label(row: pd.Series, reference: str | None) -> str | None:
@@ -379,7 +514,7 @@ def control_label(row: pd.Series, reference: str | None) -> str | None:
     control = row.get("control")
     if not isinstance(control, str) or not control or not isinstance(row["compressor"], str):
         return None
-    return label(pd.Series({**row.to_dict(), "compressor": control}), reference)[0]
+    return label(pd.Series({**row.to_dict(), "compressor": control, "calibration": None}), reference)[0]
 
 
 # ---- row order ---------------------------------------------------------------------------------------
@@ -418,11 +553,18 @@ def _natural(name: str) -> tuple:
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 
+def _source_rank(source: str) -> tuple[int, str]:
+    """natural (no suffix), group_balanced, worst_group, then any other source by name."""
+    source = source or CALIBRATION_DEFAULT
+    return (CALIBRATION_SOURCES.index(source) if source in CALIBRATION_SOURCES else len(CALIBRATION_SOURCES), source)
+
+
 def row_order(runs: pd.DataFrame, sweeps: dict[str, list[str]]) -> pd.Series:
     """Each run's row position within its experiment (0 = first row). Per objective (ERM first): the
     ``base`` row, then families alphabetically; within a family the experiment's sweep list (``sweeps``:
     experiment -> row names), then the name's stem (``pr`` of ``pr40``), size (largest first) and name; rows
-    of one setting in several configurations (``variant``) next to each other."""
+    of one setting in several configurations (``variant``) and the calibration sources of one method
+    (``wanda50``, ``wanda50@group_balanced``, ``wanda50@worst_group``) next to each other."""
     exps = runs["experiment"].map(lambda e: e if isinstance(e, str) else "")  # unreadable runs have none
     settings = runs["setting"].map(str)
     names = (runs["setting_name"] if "setting_name" in runs else runs["setting"]).map(str)
@@ -431,13 +573,14 @@ def row_order(runs: pd.DataFrame, sweeps: dict[str, list[str]]) -> pd.Series:
     keys: dict[tuple[str, str], tuple] = {}
     for (exp, setting), part in runs.groupby([exps, settings], sort=False):
         name, _, objective = names[part.index[0]].partition(" [")
+        name, _, source = name.partition("@")  # the calibration sources of a method: side by side, natural first
         family = str(part["family"].iloc[0])
         listed = sweeps.get(exp, [])
         size = pd.to_numeric(part["size_mb"], errors="coerce").mean()
         keys[(exp, setting)] = (name == "?", objective, family != "none", family,
                                 listed.index(name) if name in listed else len(listed),
                                 re.sub(r"\d+$", "", name), 0.0 if math.isnan(size) else -round(size, 3),
-                                _natural(name), variants[part.index[0]])
+                                _natural(name), _source_rank(source), variants[part.index[0]])
     rank: dict[tuple[str, str], int] = {}
     for exp in dict.fromkeys(e for e, _ in keys):
         ordered = sorted((k for k in keys if k[0] == exp), key=keys.__getitem__)
@@ -519,7 +662,8 @@ def collect(paths: Iterable[str | Path] | str | Path, selection: str | None = No
     runs["used"] = _latest_completed(runs)
     runs["row_order"] = row_order(runs, sweeps)
     order = ["status", "used", *KEY, "family", "row_order", "base_setting", "control_setting", "model", "compressor",
-             "objective", "size_mb", "params", "acc_avg", "acc_wg", "acc_worst_class", "flip_rate", "kl",
+             "objective", "calibration", "task", "size_mb", "params", "acc_avg", "acc_wg", *MULTILABEL_METRICS,
+             "acc_worst_class", "flip_rate", "kl",
              "probe_acc_wg", "degenerate", "degenerate_reasons", "val_acc_avg", "val_acc_wg", "worst_group",
              "base_acc_avg", "base_acc_wg", "selection", "selected_epoch", "monitor", "variant", "code", "seconds",
              "started", "finished", "error", "reference_model", "run_id", "identity", "context", "predictions", "dir"]

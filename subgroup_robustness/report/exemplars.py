@@ -226,6 +226,10 @@ def write_exemplars(col: Collection, summary: pd.DataFrame, out: Path, texts: bo
     for (exp, ds), part in summary.groupby(["experiment", "dataset"], sort=True):
         folder = out / "exemplars" / str(exp) / str(ds)
         ranking_rows, table_rows = [], []
+        if "task" in part and (part["task"] == "multilabel").any():
+            notes.setdefault((str(exp), str(ds), "multi-label: flips and exemplars are not computed (a prediction is "
+                              "a label set)"), []).extend(map(str, part.loc[part["base"].astype(bool), "setting"]))
+            continue
         for _, row in part.iterrows():
             pairs = col.pairs.get((exp, ds, row["setting"]), {}).get("base") or []
             if not row["base"] or not pairs:
@@ -275,7 +279,8 @@ def write_exemplars(col: Collection, summary: pd.DataFrame, out: Path, texts: bo
         long.to_csv(folder / "groups_by_flip_rate.csv", index=False)
         files.append(folder / "groups_by_flip_rate.csv")
         tables += _flip_tables(long, table_rows, out / "tables" / str(exp), str(exp), str(ds), to_markdown, to_html)
-    lines = [f"{exp} / {ds}: exemplars of {', '.join(settings)} written without text — {why}."
+    lines = [f"{exp} / {ds}: no exemplars — {why}." if why.startswith("multi-label") else
+             f"{exp} / {ds}: exemplars of {', '.join(settings)} written without text — {why}."
              for (exp, ds, why), settings in notes.items()]
     return {"files": files, "tables": tables, "notes": lines}
 

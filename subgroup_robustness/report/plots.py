@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import zlib
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
@@ -84,11 +84,12 @@ _DIRECTIONS = [(1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, 
 
 
 def place_labels(ax, xs: Iterable[float], ys: Iterable[float], labels: Iterable[str], fontsize: float = 7,
-                 radius: float = 5.5, rings: int = 12, bars: np.ndarray | None = None, cap_px: float = 3.0) -> list:
+                 radius: float = 5.5, rings: int = 12, bars: np.ndarray | None = None, cap_px: float = 3.0,
+                 avoid: Iterable[tuple[float, float]] | None = None) -> list:
     """Annotate each point (data coordinates) with its label so that no two labels overlap, no label covers
-    a point or an error bar (``bars``: (2, N) lower/upper extents, as ``errorbar``'s ``yerr``), and every
-    label stays inside the axes; a label placed away from its point gets a thin leader line. The axes'
-    limits must be final. Returns the annotations."""
+    a point or an error bar (``bars``: (2, N) lower/upper extents, as ``errorbar``'s ``yerr``), nor any of the
+    unlabelled points ``avoid``, and every label stays inside the axes; a label placed away from its point
+    gets a thin leader line. The axes' limits must be final. Returns the annotations."""
     renderer = _canvas(ax.figure)
     to_px = ax.transData.transform
     xs, ys, labels = list(xs), list(ys), list(labels)
@@ -98,6 +99,10 @@ def place_labels(ax, xs: Iterable[float], ys: Iterable[float], labels: Iterable[
     frame = ax.get_window_extent(renderer)
     pad = 2.0
     taken = [Bbox.from_extents(p[0] - radius, p[1] - radius, p[0] + radius, p[1] + radius) for p in px]
+    for x, y in avoid or ():
+        if not (math.isnan(float(x)) or math.isnan(float(y))):
+            q = to_px((float(x), float(y)))
+            taken.append(Bbox.from_extents(q[0] - radius, q[1] - radius, q[0] + radius, q[1] + radius))
     if bars is not None:
         for k, i in enumerate(keep):
             lo, hi = float(bars[0][i]), float(bars[1][i])
@@ -160,9 +165,18 @@ def _overlap(a: Bbox, b: Bbox) -> float:
     return w * h if w > 0 and h > 0 else 0.0
 
 
+def _wg_metric(summary: pd.DataFrame) -> tuple[str, str]:
+    """(summary column stem, axis words): worst-group accuracy, or macro-F1 for a multi-label dataset."""
+    if "task" in summary and (summary["task"] == "multilabel").any():
+        return "macro_f1_wg", "worst-group macro-F1"
+    return "acc_wg", "worst-group accuracy"
+
+
 def wga_vs_size(summary: pd.DataFrame, title: str = "", path: str | Path | None = None) -> Figure:
     """One dataset's settings: mean worst-group accuracy (± std over seeds, clipped to [0, 100]) against size
-    in MB; degenerate rows hollow; labels placed without overlaps."""
+    in MB; degenerate rows hollow; labels placed without overlaps. A multi-label dataset's rows (``task``) plot
+    worst-group macro-F1."""
+    metric, words = _wg_metric(summary)
     fig = Figure(figsize=(8.5, 5.5))
     ax = fig.add_subplot()
     colors = family_colors(summary["family"])
@@ -172,8 +186,8 @@ def wga_vs_size(summary: pd.DataFrame, title: str = "", path: str | Path | None 
             sub = part[degenerate[part.index] == hollow]
             if not len(sub):
                 continue
-            mean = 100 * sub["acc_wg_mean"]
-            ax.errorbar(sub["size_mb"], mean, yerr=clipped_yerr(mean, 100 * sub["acc_wg_std"]),
+            mean = 100 * sub[f"{metric}_mean"]
+            ax.errorbar(sub["size_mb"], mean, yerr=clipped_yerr(mean, 100 * sub[f"{metric}_std"]),
                         fmt="*" if fam == "none" else "o", ms=12 if fam == "none" else 7, color=colors[fam],
                         mfc="none" if hollow else colors[fam], mew=1.3,
                         label=None if hollow else ("uncompressed" if fam == "none" else fam), capsize=3, lw=1)
@@ -183,10 +197,10 @@ def wga_vs_size(summary: pd.DataFrame, title: str = "", path: str | Path | None 
     order = sorted(range(len(entries)), key=lambda i: entries[i].startswith("degenerate"))
     names = summary["setting_name"] if "setting_name" in summary else summary["setting"]
     for _, r in summary[names == "base"].iterrows():
-        ax.axhline(100 * r["acc_wg_mean"], color="black", ls="--", lw=0.8, alpha=0.6)
+        ax.axhline(100 * r[f"{metric}_mean"], color="black", ls="--", lw=0.8, alpha=0.6)
     ax.set_xlabel("model size (MB, serialized state dict)")
-    ax.set_ylabel("worst-group accuracy (%)")
-    ax.set_title(title or "worst-group accuracy vs model size")
+    ax.set_ylabel(f"{words} (%)")
+    ax.set_title(title or f"{words} vs model size")
     ax.grid(alpha=0.3)
     ax.margins(x=0.12, y=0.15)
     ax.autoscale_view()
@@ -196,9 +210,9 @@ def wga_vs_size(summary: pd.DataFrame, title: str = "", path: str | Path | None 
     ax.legend([handles[i] for i in order], [entries[i] for i in order], title="family", fontsize=8, loc="upper left",
               bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.subplots_adjust(right=0.74)
-    mean = 100 * summary["acc_wg_mean"]
+    mean = 100 * summary[f"{metric}_mean"]
     place_labels(ax, summary["size_mb"], mean, [s + (" †" if d else "") for s, d in zip(summary["setting"], degenerate)],
-                 bars=clipped_yerr(mean, 100 * summary["acc_wg_std"]))
+                 bars=clipped_yerr(mean, 100 * summary[f"{metric}_std"]))
     return _save(fig, path)
 
 
@@ -222,23 +236,124 @@ def group_heatmap(groups: pd.DataFrame, title: str = "", path: str | Path | None
             v = table.iat[i, j]
             if not math.isnan(v):
                 ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=ax, label="test accuracy (%)")
-    ax.set_title(title or "per-group accuracy by setting")
+    words = "macro-F1" if "metric" in groups and (groups["metric"] == "macro_f1").any() else "accuracy"
+    fig.colorbar(im, ax=ax, label=f"test {words} (%)")
+    ax.set_title(title or f"per-group {words} by setting")
     if flagged:
         ax.set_xlabel("† degenerate (a broken model, not a finding)", fontsize=8)
     return _save(fig, path)
 
 
-def write_plots(summary: pd.DataFrame, groups: pd.DataFrame, out_dir: Path) -> list[Path]:
+LANGUAGE_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "*", "d", "H", "8"]
+
+
+def language_colors(languages: Iterable[str]) -> dict[str, Any]:
+    """One colour per language (tab10, tab20 beyond ten languages), in the given order."""
+    from matplotlib import colormaps
+
+    languages = list(dict.fromkeys(languages))
+    cmap = colormaps["tab10" if len(languages) <= 10 else "tab20"]
+    return {lang: cmap(i % cmap.N) for i, lang in enumerate(languages)}
+
+
+def wga_by_language(langs: pd.DataFrame, title: str = "", path: str | Path | None = None,
+                    metric_words: str = "worst-group accuracy") -> Figure:
+    """One test set's per-language worst-group accuracy (mean ± std over seeds, clipped to [0, 100]) against
+    model size: one marker series per language (its own colour and marker) with the base row's level of that
+    language as a dashed line of its colour; each setting named once, next to its lowest language; degenerate
+    settings hollow and marked †. The languages of one setting sit side by side around its size, and settings
+    of equal size (unstructured pruning, the controls) are spread apart a little, in row order; the axis label
+    says so. ``langs``: ``languages.summarize`` rows of one table and test set."""
+    fig = Figure(figsize=(9.5, 5.8))
+    ax = fig.add_subplot()
+    langs = langs[langs["wga_mean"].notna()].copy()
+    if not len(langs):
+        ax.text(0.5, 0.5, "no per-language results", ha="center", va="center", transform=ax.transAxes)
+        return _save(fig, path)
+    order = langs.groupby("setting")["row_order"].min() if "row_order" in langs else None
+    settings = _row_sorted(list(dict.fromkeys(langs["setting"])), order)
+    languages = list(dict.fromkeys(langs["language"]))
+    size = langs.groupby("setting")["size_mb"].mean()
+    known = size.dropna()
+    span = float(known.max() - known.min()) if len(known) else 0.0
+    width = 0.015 * (span or max(float(known.max()) if len(known) else 1.0, 1.0))  # one setting's languages
+    by_size: dict[float, list[str]] = {}
+    for st in settings:
+        by_size.setdefault(round(float(size.get(st, math.nan)), 3), []).append(st)
+    x_of: dict[str, float] = {}
+    for sz, same in by_size.items():
+        for k, st in enumerate(same):
+            x_of[st] = sz + (k - (len(same) - 1) / 2) * 1.4 * width
+    spread = any(len(v) > 1 for v in by_size.values())
+    dodge = {lg: (i - (len(languages) - 1) / 2) * width / max(len(languages) - 1, 1) for i, lg in enumerate(languages)}
+    langs["x"] = [x_of[st] + (dodge[lg] if len(languages) > 1 else 0.0)
+                  for st, lg in zip(langs["setting"], langs["language"])]
+    degenerate = langs["degenerate"].astype(bool) if "degenerate" in langs else pd.Series(False, index=langs.index)
+    colors = language_colors(languages)
+    names = langs["setting_name"] if "setting_name" in langs else langs["setting"]
+    for i, lang in enumerate(languages):
+        part = langs[langs["language"] == lang]
+        for _, r in part[names[part.index] == "base"].iterrows():
+            ax.axhline(100 * r["wga_mean"], color=colors[lang], ls="--", lw=0.8, alpha=0.55)
+        for hollow in (False, True):
+            sub = part[degenerate[part.index] == hollow]
+            if not len(sub):
+                continue
+            m = 100 * sub["wga_mean"]
+            ax.errorbar(sub["x"], m, yerr=clipped_yerr(m, 100 * sub["wga_std"]),
+                        fmt=LANGUAGE_MARKERS[i % len(LANGUAGE_MARKERS)], ms=6, color=colors[lang], mfc="none" if hollow else colors[lang], mew=1.2, capsize=2, lw=0.8,
+                        label=None if hollow else lang)
+    if degenerate.any():
+        ax.plot([], [], "o", mfc="none", color="0.3", label="degenerate (hollow, never ranked)")
+    if (names == "base").any():
+        ax.plot([], [], ls="--", color="0.3", lw=0.8, label="base, per language")
+    ax.set_xlabel("model size (MB, serialized state dict)"
+                  + ("; a setting's languages side by side" if len(languages) > 1 else "")
+                  + ("; settings of equal size spread apart" if spread else ""))
+    ax.set_ylabel(f"{metric_words} within the language (%)")
+    ax.set_title(title or f"{metric_words} per language vs model size")
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.12, y=0.15)
+    ax.autoscale_view()
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(max(lo, -5.0), min(hi, 105.0))
+    ax.set_xlim(*ax.get_xlim())
+    handles, entries = ax.get_legend_handles_labels()
+    rank = sorted(range(len(entries)), key=lambda k: (entries[k].startswith(("degenerate", "base,")), k))
+    ax.legend([handles[k] for k in rank], [entries[k] for k in rank], title="language", fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.subplots_adjust(right=0.8)
+    lowest = langs.loc[langs.groupby("setting")["wga_mean"].idxmin()].set_index("setting")
+    lowest = lowest.loc[[s for s in settings if s in lowest.index]]
+    flagged = set(langs.loc[degenerate, "setting"])
+    others = [(x, 100 * y) for x, y, st, lg in zip(langs["x"], langs["wga_mean"], langs["setting"], langs["language"])
+              if lowest.loc[st, "language"] != lg]
+    place_labels(ax, lowest["x"], 100 * lowest["wga_mean"], [s + (" †" if s in flagged else "") for s in lowest.index],
+                 avoid=others)
+    return _save(fig, path)
+
+
+def write_plots(summary: pd.DataFrame, groups: pd.DataFrame, out_dir: Path,
+                languages: pd.DataFrame | None = None) -> list[Path]:
     written = []
     for (exp, ds), part in summary.groupby(["experiment", "dataset"], sort=True):
         folder = out_dir / "plots" / str(exp)
         p = folder / f"wga_vs_size_{ds}.png"
-        wga_vs_size(part, f"{exp}: {ds} — worst-group accuracy vs size", p)
+        words = _wg_metric(part)[1]
+        wga_vs_size(part, f"{exp}: {ds} — {words} vs size", p)
         written.append(p)
         g = groups[(groups["experiment"] == exp) & (groups["dataset"] == ds)]
         if len(g):
             p = folder / f"group_heatmap_{ds}.png"
-            group_heatmap(g, f"{exp}: {ds} — per-group test accuracy", p)
+            what = "macro-F1" if "metric" in g and (g["metric"] == "macro_f1").any() else "accuracy"
+            group_heatmap(g, f"{exp}: {ds} — per-group test {what}", p)
+            written.append(p)
+    if languages is not None and len(languages):
+        from subgroup_robustness.report.languages import file_stem, metric_words
+
+        for (exp, ds, test_set), part in languages.groupby(["experiment", "dataset", "test_set"], sort=True):
+            p = out_dir / "plots" / str(exp) / f"wga_by_language_{file_stem(ds, test_set)}.png"
+            words = metric_words(part)
+            wga_by_language(part, f"{exp}: {ds} ({test_set}) — {words} per language vs size", p, words)
             written.append(p)
     return written

@@ -25,14 +25,14 @@ import pandas as pd
 
 from subgroup_robustness.report import selection as sel
 from subgroup_robustness.report import significance as sig
-from subgroup_robustness.report.collect import BASE, Collection
+from subgroup_robustness.report.collect import BASE, MULTILABEL, MULTILABEL_METRICS, SINGLE_LABEL, Collection
 
 DEGENERATE_MARK = "†"
 RESELECTED_MARK = "‡"
 NOT_RUN = "control not run"
 # per-run metrics averaged over a row's seeds (summary.csv: <name>_mean, <name>_std)
 ROW_METRICS = ("acc_avg", "acc_wg", "acc_worst_class", "acc_mean_group", "acc_balanced", "ece", "flip_rate",
-               "flip_c2w", "flip_w2c", "kl", "probe_acc_avg", "probe_acc_wg")
+               "flip_c2w", "flip_w2c", "kl", "probe_acc_avg", "probe_acc_wg", *MULTILABEL_METRICS)
 
 
 def _std(x: pd.Series) -> float:
@@ -62,23 +62,46 @@ def _partner(index: dict[tuple, list[pd.Series]], r: pd.Series, name: str | None
     return (same_model or cands or [None])[0]
 
 
+def _is_multilabel(part: pd.DataFrame) -> bool:
+    return "task" in part and bool((part["task"] == MULTILABEL).any())
+
+
+# multi-label rows: Δ of these (run − reference), point estimates over seeds, no interval
+F1_DELTAS = {"f1_avg": "macro_f1_avg", "f1_wg": "macro_f1_wg", "gd_f1": "gd_macro_f1"}
+
+
 def _compare(col: Collection, part: pd.DataFrame, ref_name: str | None, index: dict, *, kind: str, prefix: str,
              n_boot: int, seed: int, confidence: float, fallback: bool) -> tuple[dict[str, Any], list[dict], list]:
     """Δ (this row − reference) per seed and across seeds, with intervals. ``kind``: base | control.
-    Returns (summary fields, per-seed significance rows, [(seed, run dir, reference dir)])."""
+    Returns (summary fields, per-seed significance rows, [(seed, run dir, reference dir)]).
+
+    Multi-label rows (``task: multilabel``): Δ macro-F1 average / worst group / group disparity
+    (``<prefix>_f1_avg_*``, ``<prefix>_f1_wg_*``, ``<prefix>_gd_f1_*``), mean ± std over seeds, no interval (the
+    bootstrap is of accuracy); their accuracy Δs stay NaN. Without the base run in the report (``fallback``),
+    the Δ is against the cached base a compressed run started from: with an interval when that base's
+    predictions are on this machine (``base.cache_dir``), else a point Δ from its recorded metrics."""
+    multilabel = _is_multilabel(part)
     d_avg, d_wg, pairs, matched, ref_labels = [], [], [], [], []
+    d_f1: dict[str, list[float]] = {k: [] for k in F1_DELTAS}
     reselected = False
+    cached = 0
     flags: dict[int, list[str]] = {}
     for _, r in part.iterrows():
         ref = _partner(index, r, ref_name)
         s = int(r["seed"])
         if ref is not None and ref["dir"] != r["dir"]:
-            d_avg.append(r["acc_avg"] - ref["acc_avg"])
-            d_wg.append(r["acc_wg"] - ref["acc_wg"])
+            if multilabel:
+                for k, m in F1_DELTAS.items():
+                    d_f1[k].append(r[m] - ref[m])
+            else:
+                d_avg.append(r["acc_avg"] - ref["acc_avg"])
+                d_wg.append(r["acc_wg"] - ref["acc_wg"])
             matched.append((s, r["dir"], ref["dir"]))
             ref_labels.append(ref["setting"])
             flags[s] = ([f"degenerate: {r['degenerate_reasons']}"] if r["degenerate"] else []) + \
                 ([f"{kind} degenerate: {ref['degenerate_reasons']}"] if ref["degenerate"] else [])
+            if multilabel:
+                continue  # no interval for multi-label rows
             again = [col.reselected.get(d) for d in (r["dir"], ref["dir"])]
             if any(a is not None and a.changed for a in again):
                 reselected = True  # that epoch's predictions are not saved: no interval
@@ -86,26 +109,45 @@ def _compare(col: Collection, part: pd.DataFrame, ref_name: str | None, index: d
             pa, pb = col.predictions(r["dir"]), col.predictions(ref["dir"])
             if pa is not None and pb is not None:
                 pairs.append((s, pa, pb))
-        elif fallback and ref is None and not math.isnan(r["base_acc_avg"]) and not (
+        elif fallback and ref is None and not (
                 col.reselected.get(r["dir"]) is not None and col.reselected[r["dir"]].changed):
-            # the cached base's own metrics (recorded in the run): a point Δ, no interval
+            # the cached base's own metrics (recorded in the run): a point Δ, and an interval when the cached
+            # base's predictions are here
+            if multilabel:
+                if not math.isnan(r["base_macro_f1_avg"]):
+                    for k, m in F1_DELTAS.items():
+                        d_f1[k].append(r[m] - r[f"base_{m}"])
+                continue
+            if math.isnan(r["base_acc_avg"]):
+                continue
             d_avg.append(r["acc_avg"] - r["base_acc_avg"])
             d_wg.append(r["acc_wg"] - r["base_acc_wg"])
+            base = col.cached_base(r["dir"])
+            pa = col.predictions(r["dir"]) if base is not None else None
+            if base is not None and pa is not None:
+                pairs.append((s, pa, base[1]))
+                matched.append((s, r["dir"], base[0]))
+                flags[s] = [f"degenerate: {r['degenerate_reasons']}"] if r["degenerate"] else []
+                cached += 1
     p = prefix
     out: dict[str, Any] = {
         f"{p}_avg_mean": float(np.mean(d_avg)) if d_avg else math.nan, f"{p}_avg_std": _std(d_avg),
         f"{p}_wg_mean": float(np.mean(d_wg)) if d_wg else math.nan, f"{p}_wg_std": _std(d_wg),
         **{f"{p}_{m}_{k}": math.nan for m in ("avg", "wg") for k in ("lo", "hi")},
         f"{p}_avg_sig": False, f"{p}_wg_sig": False,
-        f"{p}_matched": len(matched), f"{p}_n": len(d_avg), f"{p}_ci_seeds": 0,
+        f"{p}_matched": len(matched), f"{p}_n": len(d_avg) + len(d_f1["f1_avg"]), f"{p}_ci_seeds": 0,
         f"{p}_label": ref_labels[0] if ref_labels else "",
+        f"{p}_cached": cached,
     }
+    for k, vals in d_f1.items():
+        out[f"{p}_{k}_mean"] = float(np.mean(vals)) if vals else math.nan
+        out[f"{p}_{k}_std"] = _std(vals)
     rows: list[dict[str, Any]] = []
     if pairs and not reselected:
         res = sig.compare(pairs, n_boot=n_boot, seed=seed, confidence=confidence)
         for s_row in res["per_seed"]:
             notes = [n for n in (s_row.pop("note", None), *flags.get(int(s_row["seed"]), [])) if n]
-            rows.append({"against": kind, "reference": ref_labels[0], **s_row,
+            rows.append({"against": kind, "reference": ref_labels[0] if ref_labels else f"{BASE} (cached)", **s_row,
                          "degenerate": any("degenerate" in n for n in notes), "note": "; ".join(notes)})
         if res["across"]:
             a = res["across"]
@@ -155,6 +197,9 @@ def summarize(col: Collection, n_boot: int = 2000, seed: int = 0,
             "experiment": exp, "dataset": ds, "setting": setting, "setting_name": first["setting_name"],
             "variant": first["variant"] or "", "family": first["family"], "row_order": int(part["row_order"].iloc[0]),
             "model": first["model"], "compressor": first["compressor"],
+            "task": first["task"] if isinstance(first.get("task"), str) else SINGLE_LABEL,
+            "calibration": first.get("calibration") if isinstance(first.get("calibration"), str) else "",
+            "calibration_id": first.get("calibration_id") or "",
             "seeds": int(part["seed"].nunique()),
             "seed_list": ",".join(map(str, sorted(int(s) for s in part["seed"].unique()))),
             "size_mb": _mean(part["size_mb"]), "params": _mean(part["params"]),
@@ -172,7 +217,8 @@ def summarize(col: Collection, n_boot: int = 2000, seed: int = 0,
             col, part, None if is_base else bname, index, kind="base", prefix="d", n_boot=n_boot, seed=seed,
             confidence=confidence, fallback=not is_base)
         row.update(base_fields)
-        part = _fill_flips(col, part, base_pairs)
+        if row["task"] != MULTILABEL:  # a changed label set is not a flip of a class, nor its KL a softmax's
+            part = _fill_flips(col, part, base_pairs)
         for m in ROW_METRICS:
             row[f"{m}_mean"], row[f"{m}_std"] = _mean(part[m]), _std(part[m])
         row.update(base="" if is_base else (base_fields["d_label"] or bname), base_seeds=base_fields["d_n"],
@@ -278,9 +324,49 @@ def _vs_control(r: pd.Series, cell: str) -> str:
     return NOT_RUN if r.get("control_status") == "not run" else cell
 
 
+NOT_FOR_MULTILABEL = "not computed for multi-label"
+
+
+def multilabel_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The per-dataset table of a multi-label dataset (ECtHR): macro-F1 average, worst group and group
+    disparity (FairLex's std over groups) with micro-F1 beside them, all in %, and their Δ against the base
+    and the control in points (mean ± std over seeds); no interval (``NOT_FOR_MULTILABEL``)."""
+    s = summary
+    rows = [r for _, r in s.iterrows()]
+
+    def cells(name: str) -> list[str]:
+        return [pct(m, d) for m, d in zip(_col(s, f"{name}_mean"), _col(s, f"{name}_std"))]
+
+    def deltas(name: str) -> list[str]:
+        return [delta(m, d) for m, d in zip(_col(s, f"{name}_mean"), _col(s, f"{name}_std"))]
+
+    out = pd.DataFrame({
+        "Setting": [setting_cell(r) for r in rows],
+        "Family": s["family"],
+        "Size (MB)": s["size_mb"].map(lambda v: "—" if _nan(v) else f"{v:.2f}"),
+        "Params (M)": s["params"].map(lambda v: "—" if _nan(v) else f"{v / 1e6:.2f}"),
+        "Seeds": s["seeds"].astype(str),
+        "Macro-F1 avg": cells("macro_f1_avg"),
+        "Macro-F1 worst group": cells("macro_f1_wg"),
+        "Macro-F1 group disparity": cells("gd_macro_f1"),
+        "Micro-F1 avg": cells("micro_f1_avg"),
+        "Micro-F1 worst group": cells("micro_f1_wg"),
+        "Δ macro-F1 avg": deltas("d_f1_avg"),
+        "Δ macro-F1 WG": deltas("d_f1_wg"),
+        "Δ macro-F1 GD": deltas("d_gd_f1"),
+        "Δ 95% CI": [NOT_FOR_MULTILABEL if r.get("base") else "—" for r in rows],
+        "Control": [_control_cell(r) for r in rows],
+        "Δ macro-F1 WG vs control": [_vs_control(r, delta(r.get("c_f1_wg_mean"), r.get("c_f1_wg_std"))) for r in rows],
+    })
+    return out.reset_index(drop=True)
+
+
 def display_table(summary: pd.DataFrame) -> pd.DataFrame:
     """The per-dataset table as strings (accuracies in %, Δ in percentage points). The probe's column is
-    there only when a row has a probe."""
+    there only when a row has a probe. A multi-label dataset's table shows macro-F1 instead
+    (``multilabel_table``)."""
+    if _is_multilabel(summary):
+        return multilabel_table(summary)
     s = summary
     rows = [r for _, r in s.iterrows()]
     out = pd.DataFrame({
@@ -384,8 +470,21 @@ def code_note(runs: pd.DataFrame) -> str:
             + "; ".join(parts) + ".")
 
 
+MULTILABEL_NOTE = ("Multi-label dataset: no accuracy. Macro-F1 (the mean over all labels of each label's F1, "
+                   "FairLex's definition) and micro-F1 in %, mean ± std over seeds (sample std): avg over all test "
+                   "examples, worst group = the lowest group score, group disparity = the standard deviation of the "
+                   "group scores (FairLex's GD). Δ: change against the base row of the same seed and configuration, "
+                   f"in points (mean ± std over seeds); significance {NOT_FOR_MULTILABEL} (the paired bootstrap is "
+                   "of accuracy), nor flips, KL or exemplars.")
+CACHED_NOTE = ("Δ vs base of {rows}: the base run is not in this report; compared with the cached fine-tuned base the "
+               "run started from (results.json base.cache_dir), its predictions for the interval.")
+
+
 def table_notes(part: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
-    notes = [NOTE, CONTROL_NOTE]
+    notes = [MULTILABEL_NOTE] if _is_multilabel(part) else [NOTE, CONTROL_NOTE]
+    cached = part[_col(part, "d_cached", 0).fillna(0).astype(int) > 0]
+    if len(cached):
+        notes.append(CACHED_NOTE.format(rows=", ".join(map(str, cached["setting"]))))
     for _, r in part[part["degenerate"] == True].iterrows():  # noqa: E712
         notes.append(f"{DEGENERATE_MARK} {r['setting']} is degenerate (never ranked): {r['degenerate_note']}.")
     for b in dict.fromkeys(part.loc[_col(part, "base_degenerate", False) == True, "base"]):  # noqa: E712
@@ -442,6 +541,18 @@ def headlines(summary: pd.DataFrame) -> list[str]:
         cand = part[(part["base"].astype(bool)) & ~part["degenerate"].astype(bool)
                     & ~_col(part, "base_degenerate", False).astype(bool)]
         lines.append(f"**{exp}: {ds}**")
+        if _is_multilabel(part):
+            ranked = cand[_col(cand, "d_f1_wg_mean").notna() & (cand["family"] != "control")].sort_values("d_f1_wg_mean")
+            if len(ranked) and ranked.iloc[0]["d_f1_wg_mean"] < 0:
+                lo = ranked.iloc[0]
+                lines.append(f"- largest worst-group macro-F1 drop vs base: {lo['setting']} {delta(lo['d_f1_wg_mean'])} "
+                             f"(significance {NOT_FOR_MULTILABEL})")
+            if len(ranked) and ranked.iloc[-1]["d_f1_wg_mean"] > 0:
+                hi = ranked.iloc[-1]
+                lines.append(f"- largest worst-group macro-F1 gain vs base: {hi['setting']} {delta(hi['d_f1_wg_mean'])} "
+                             f"(significance {NOT_FOR_MULTILABEL})")
+            lines.append("")
+            continue
         ranked = cand[cand["d_wg_mean"].notna() & (cand["family"] != "control")].sort_values("d_wg_mean")
         lo, hi = (ranked.iloc[0], ranked.iloc[-1]) if len(ranked) else (None, None)
         if lo is not None and lo["d_wg_mean"] < 0:

@@ -259,6 +259,6 @@ def test_experiment_configs_compose():
     sources = OverridesParser.create().parse_overrides([f"s={params['compressor.calibration.source']}"])[0]
     assert list(sources.sweep_iterator()) == ["natural", "group_balanced", "worst_group"]
     assert cfg.compressor.calibration.examples == 256
-    # one report experiment per source: runs of the same method and seed are not superseded by each other
+    # one report experiment: the report names each source's row <method>@<source>
     cfg = compose(["experiment=calibration", "compressor=wanda50", "compressor.calibration.source=worst_group"])
-    assert cfg.experiment_name == "calibration_worst_group" and cfg.compressor.name == "wanda50"
+    assert cfg.experiment_name == "calibration" and cfg.compressor.name == "wanda50"
