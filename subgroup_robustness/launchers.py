@@ -808,12 +808,13 @@ def _after_slurm_job(launcher: Any, sweep_config: DictConfig) -> None:
         rec.setdefault("slurm", {})["requeues"] = r["attempt"]
         write_results(path, rec)
         return
-    if rec.get("status") == "failed":
+    if rec.get("status") in ("failed", "terminated", "interrupted"):
         why = ("time limit near" if launcher._timed_out() else "preempted")
         rec["error"] = {"type": "SLURM " + ("TIMEOUT" if why == "time limit near" else "PREEMPTED"),
                         "message": f"{why} (signal {launcher._signals[-1]['signal']}, {timeout_min} min limit); "
                                    f"not requeued: max_requeue={launcher.max_requeue} reached",
                         "traceback": "", **({"job_error": rec["error"]} if rec.get("error") else {})}
+        rec["status"] = "failed"
         write_results(path, rec)
         try:
             record_state(_progress_folder(sweep_config), int(sweep_config.hydra.job.num),

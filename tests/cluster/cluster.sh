@@ -195,18 +195,29 @@ EOF
     chmod 600 "$ETC/slurmdbd.conf"
   fi
 
-  # the sacct stand-in (shim mode only): answers submitit's `sacct -o JobID,State,NodeList --parsable2 -j ID`
-  # from slurmctld's memory, so a job that dies without a result is seen as dead instead of waited on forever
+  # the sacct stand-in (shim mode only): answers `sacct [-X] [-P|--parsable2] [-o FIELDS] -j ID ...` (submitit
+  # asks for JobID,State,NodeList) from slurmctld's memory, so a job that dies without a result is seen as dead
+  # instead of waited on forever. Fields: JobID JobName State NodeList Start End ExitCode Elapsed Timelimit Reason
   cat >"$BIN/sacct-shim" <<'EOF'
 #!/bin/bash
-ids=(); while [ $# -gt 0 ]; do case "$1" in -j) ids+=("$2"); shift 2;; *) shift;; esac; done
-echo "JobID|State|NodeList"
+ids=(); fields="JobID,JobName,State,NodeList,Start,End,ExitCode,Elapsed"
+while [ $# -gt 0 ]; do case "$1" in -j|--jobs) ids+=("$2"); shift 2;; -o|--format) fields=$2; shift 2;; *) shift;; esac; done
+echo "${fields//,/|}"
 for arg in "${ids[@]}"; do for id in ${arg//,/ }; do
   scontrol -o show job "$id" 2>/dev/null | while read -r line; do
-    jid=$(sed -n 's/.*\bJobId=\([0-9]*\).*/\1/p' <<<"$line"); arr=$(sed -n 's/.*\bArrayJobId=\([0-9]*\).*/\1/p' <<<"$line")
-    task=$(sed -n 's/.*\bArrayTaskId=\([^ ]*\).*/\1/p' <<<"$line"); state=$(sed -n 's/.*\bJobState=\([A-Z_]*\).*/\1/p' <<<"$line")
-    nodes=$(sed -n 's/.* NodeList=\([^ ]*\).*/\1/p' <<<"$line")
-    if [ -n "$arr" ]; then echo "${arr}_${task}|${state}|${nodes}"; else echo "${jid}|${state}|${nodes}"; fi
+    declare -A kv=()
+    for tok in $line; do [[ $tok == *=* ]] && kv[${tok%%=*}]=${tok#*=}; done
+    jid=${kv[JobId]}; [ -n "${kv[ArrayJobId]:-}" ] && jid="${kv[ArrayJobId]}_${kv[ArrayTaskId]}"
+    out=()
+    for f in ${fields//,/ }; do
+      case "$f" in
+        JobID) out+=("$jid");; JobName) out+=("${kv[JobName]:-}");; State) out+=("${kv[JobState]:-}");;
+        NodeList) out+=("${kv[NodeList]:-}");; Start) out+=("${kv[StartTime]:-}");; End) out+=("${kv[EndTime]:-}");;
+        ExitCode) out+=("${kv[ExitCode]:-}");; Elapsed) out+=("${kv[RunTime]:-}");; Timelimit) out+=("${kv[TimeLimit]:-}");;
+        Reason) out+=("${kv[Reason]:-}");; *) out+=("");;
+      esac
+    done
+    (IFS='|'; echo "${out[*]}")
   done
 done; done
 EOF
