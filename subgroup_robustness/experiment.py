@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -42,7 +43,7 @@ from subgroup_robustness.models.classifier import SequenceClassifier
 from subgroup_robustness.models.figures import cpu_latency_ms, model_figures
 from subgroup_robustness.models.loading import load_model
 from subgroup_robustness.models.precision import precision_plugin
-from subgroup_robustness.report.wandb_log import log_summary
+from subgroup_robustness.report.wandb_log import log_config, log_summary
 from subgroup_robustness.results import (PREDICTIONS_FILE, RESULTS_FILE, base_record, encode_predictions,
                                          read_predictions, read_record, example_metadata, write_results)
 from subgroup_robustness.utils.console import console, print_group_table
@@ -191,6 +192,10 @@ class RunContext:
                                   kwargs.get("accelerator", self.cfg.trainer.get("accelerator")))
         if plugin is not None:  # Lightning refuses a precision string next to a precision plugin
             kwargs.update(precision=None, plugins=[*kwargs.get("plugins", []), plugin])
+        if os.environ.get("SLURM_JOB_ID"):  # submitit requeues (bounded, launchers.py), not Lightning
+            from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+            kwargs["plugins"] = [*kwargs.get("plugins", []), SLURMEnvironment(auto_requeue=False)]
         return instantiate(self.cfg.trainer, callbacks=self._callbacks(training), logger=self.loggers or False,
                            default_root_dir=str(self.workdir), **kwargs)
 
@@ -266,6 +271,7 @@ def prepare(cfg: DictConfig, stages: list[Compressor] | None = None) -> RunConte
     dm = instantiate(cfg.data, _recursive_=False)
     ctx = RunContext(cfg=cfg, data=dm, workdir=Path(cfg.paths.output_dir))
     ctx.loggers = list(instantiate_loggers(cfg.get("logger")))
+    log_config(ctx.loggers, cfg)  # W&B: the resolved config, flattened, from the start
     t0 = time.perf_counter()
     dm.load_table()
     ctx.timing["data_load"] = time.perf_counter() - t0

@@ -54,7 +54,7 @@ def _die_with_parent() -> None:
         launcher = str(HydraConfig.get().launcher.get("_target_", ""))
     except ValueError:
         return
-    if "joblib" not in launcher:
+    if "joblib" not in launcher.lower():
         return
     parent = os.getppid()
 
@@ -64,6 +64,27 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="sr-parent-watch", daemon=True).start()
+
+
+def _config_tree_to_job_log(cfg: DictConfig) -> None:
+    """Multirun: the full config tree goes to the job's log file (<job folder>/<job name>.log), so ~90 lines
+    per job do not bury the sweep's progress lines."""
+    import io
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+    from rich.console import Console
+
+    from subgroup_robustness.utils.console import print_config_tree
+
+    try:
+        hc = HydraConfig.get()
+        buf = io.StringIO()
+        print_config_tree(cfg, out=Console(file=buf, width=120, no_color=True, highlight=False))
+        with open(Path(hc.runtime.output_dir) / f"{hc.job.name}.log", "a", encoding="utf-8") as fh:
+            fh.write(buf.getvalue())
+    except Exception:  # noqa: BLE001 - a convenience, never a reason to fail a job
+        pass
 
 
 def task(cfg: DictConfig) -> float:
@@ -80,7 +101,10 @@ def task(cfg: DictConfig) -> float:
     try:
         check_config(cfg)
         if cfg.get("print_config", True):
-            print_config_tree(cfg)
+            if multirun:
+                _config_tree_to_job_log(cfg)  # the console gets the sweep's one-line job header
+            else:
+                print_config_tree(cfg)
         started = True
         record = run(cfg)
     except (KeyboardInterrupt, SystemExit) as exc:

@@ -15,7 +15,8 @@ console = Console(highlight=False)
 
 
 def print_config_tree(cfg: DictConfig, fields: Sequence[str] = ("dataset", "model", "compressor", "objective",
-                                                               "module", "data", "trainer", "seed", "paths")) -> None:
+                                                               "module", "data", "trainer", "seed", "paths"),
+                      out: Console | None = None) -> None:
     tree = Tree("config", guide_style="dim")
     for field in fields:
         if field not in cfg:
@@ -23,7 +24,7 @@ def print_config_tree(cfg: DictConfig, fields: Sequence[str] = ("dataset", "mode
         value = cfg[field]
         text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
         tree.add(field).add(Syntax(text, "yaml", theme="ansi_dark", word_wrap=True))
-    console.print(tree)
+    (out or console).print(tree)
 
 
 def _fmt(x: Any) -> str:
