@@ -34,7 +34,19 @@ def identity_payload(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         out.pop("eval_datasets", None)
     if isinstance(out.get("callbacks"), dict):
         out["callbacks"] = {k: v for k, v in out["callbacks"].items() if "progress" not in k}
-    return out
+    if isinstance(out.get("data"), dict):  # how batches are loaded, not what they hold
+        out["data"] = {k: v for k, v in out["data"].items() if k != "num_workers"}
+    return _without_cache_dirs(out)
+
+
+def _without_cache_dirs(obj: Any) -> Any:
+    """Where downloads and caches live (``SR_CACHE_DIR``) does not change a result: every ``cache_dir`` key
+    is left out of the identity, so moving the cache re-runs nothing."""
+    if isinstance(obj, dict):
+        return {k: _without_cache_dirs(v) for k, v in obj.items() if k != "cache_dir"}
+    if isinstance(obj, list):
+        return [_without_cache_dirs(v) for v in obj]
+    return obj
 
 
 SCHEMA_VERSION = 1
