@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -33,7 +34,7 @@ from subgroup_robustness.data.datamodule import GroupDataModule
 from subgroup_robustness.data.groups import PRIMARY, is_multilabel
 from subgroup_robustness.evaluation import (extra_test_set_lines, extra_test_sets, print_multilabel_table,
                                              worst_group_line)
-from subgroup_robustness.metrics.callbacks import BestWeights, GroupMetrics
+from subgroup_robustness.metrics.callbacks import BestWeights, EpochCheckpoint, GroupMetrics
 from subgroup_robustness.metrics.comparison import prediction_metrics
 from subgroup_robustness.metrics.degenerate import degeneracy
 from subgroup_robustness.metrics.probe import dfr_probe, encoder_features
@@ -183,7 +184,7 @@ class RunContext:
             out.append(GroupMetrics())
         return out
 
-    def trainer(self, training: bool, on_cpu: bool = False, **overrides) -> L.Trainer:
+    def trainer(self, training: bool, on_cpu: bool = False, extra_callbacks: tuple = (), **overrides) -> L.Trainer:
         kwargs: dict[str, Any] = {}
         if on_cpu:
             kwargs.update(accelerator="cpu", devices=1, strategy="auto", precision="32-true")
@@ -196,8 +197,8 @@ class RunContext:
             from lightning.pytorch.plugins.environments import SLURMEnvironment
 
             kwargs["plugins"] = [*kwargs.get("plugins", []), SLURMEnvironment(auto_requeue=False)]
-        return instantiate(self.cfg.trainer, callbacks=self._callbacks(training), logger=self.loggers or False,
-                           default_root_dir=str(self.workdir), **kwargs)
+        return instantiate(self.cfg.trainer, callbacks=[*self._callbacks(training), *extra_callbacks],
+                           logger=self.loggers or False, default_root_dir=str(self.workdir), **kwargs)
 
     def fit(self, module: SequenceClassifier, phase: str, precision: str | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -206,11 +207,17 @@ class RunContext:
             dm.setup()
             counts = dm.primary.masks(dm.splits["train"].metadata).sum(0)
             module.objective.setup(dm.primary, counts)
-        trainer = self.trainer(training=True, **({"precision": precision} if precision else {}))
-        trainer.fit(module, datamodule=self.data)
+        ckpt = self.checkpoint_path(phase)
+        resume = ckpt if ckpt is not None and ckpt.is_file() else None
+        extra = (EpochCheckpoint(ckpt),) if ckpt is not None else ()
+        trainer = self.trainer(training=True, extra_callbacks=extra, **({"precision": precision} if precision else {}))
+        if resume is not None:
+            console.print(f"[yellow]resuming[/yellow] {phase} from its last finished epoch ({resume})")
+        trainer.fit(module, datamodule=self.data, ckpt_path=resume, weights_only=True if resume else None)
         best = next((c for c in trainer.callbacks if isinstance(c, BestWeights)), None)
         gm = next((c for c in trainer.callbacks if isinstance(c, GroupMetrics)), None)
         info = {"phase": phase, "epochs": trainer.current_epoch, "steps": trainer.global_step,
+                "resumed_from": str(resume) if resume else None,
                 "monitor": getattr(best, "monitor", None), "history": list(getattr(gm, "history", [])),
                 "precision": str(trainer.precision),
                 "best_epoch": getattr(best, "best_epoch", None), "best_value": getattr(best, "best", None),
@@ -247,6 +254,13 @@ class RunContext:
         probs = evals.get("probabilities")
         extra = {"probs": probs.numpy()} if probs is not None else {}
         return encode_predictions(index, label, pred, meta, **extra)
+
+    def checkpoint_path(self, phase: str) -> Path | None:
+        """Where a fine-tuning phase keeps its last finished epoch (``checkpoint.resume``), or None."""
+        if not (self.cfg.get("checkpoint") or {}).get("resume", True):
+            return None
+        # under the run's identity: a checkpoint left by another config in this folder is never resumed
+        return self.workdir / "checkpoints" / run_identity(self.cfg) / f"{phase}.ckpt"
 
     def latency(self) -> float | None:
         """fp32 CPU latency per example over a few test batches (``measure.latency_batches``)."""
@@ -526,6 +540,8 @@ def _run_owned(cfg: DictConfig, out_dir: Path, res_path: Path, rid: str,
             evals = ctx.evaluate(module, "eval", on_cpu=any(s.eval_on_cpu for s in stages))
         record(rec, ctx, stages, evals, reports, base_figures)
         rec["status"] = "completed"
+        if not (cfg.get("checkpoint") or {}).get("keep", False):
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # done: resuming is no longer needed
         return rec
     except BaseException as exc:
         rec["status"] = "interrupted" if _interrupted(exc) else ("terminated" if isinstance(exc, Terminated)

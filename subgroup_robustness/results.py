@@ -22,7 +22,8 @@ from subgroup_robustness.utils.errors import CorruptDataError
 from subgroup_robustness.utils.io import atomic_write_bytes, atomic_write_json, read_json, read_json_record
 
 # not part of what a run computes: where it writes, how it logs, what it measures besides the metrics
-RUN_KEYS_EXCLUDED = ("paths", "logger", "hydra", "print_config", "skip_existing", "cache_base", "measure")
+RUN_KEYS_EXCLUDED = ("paths", "logger", "hydra", "print_config", "skip_existing", "cache_base", "measure",
+                     "checkpoint")
 
 
 def identity_payload(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:

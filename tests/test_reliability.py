@@ -161,3 +161,27 @@ def test_sigterm_is_recorded_as_terminated(env, sr_env, monkeypatch):
     rec = json.loads((sr_env / "term" / "results.json").read_text())
     assert rec["status"] == "terminated" and "SIGTERM" in rec["error"]["message"]
     assert signal.getsignal(signal.SIGTERM) is before  # the job's handler is gone with the job
+
+
+def test_a_killed_fine_tuning_resumes_from_its_last_finished_epoch(env, sr_env, monkeypatch):
+    from subgroup_robustness.metrics import callbacks as cb
+
+    original = cb.EpochCheckpoint.on_train_epoch_end
+
+    def save_then_die(self, trainer, pl_module):
+        original(self, trainer, pl_module)
+        if trainer.current_epoch == 1:  # epochs 0 and 1 are finished and saved: the process dies here
+            raise RuntimeError("killed after epoch 1")
+
+    monkeypatch.setattr(cb.EpochCheckpoint, "on_train_epoch_end", save_then_die)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_in_process(env("resume", "trainer.max_epochs=3"))
+    (ckpt,) = (sr_env / "resume" / "checkpoints").glob("*/base_finetune.ckpt")  # under the run's identity
+    assert json.loads((sr_env / "resume" / "results.json").read_text())["status"] == "failed"
+    monkeypatch.undo()
+    rec = run_in_process(env("resume", "trainer.max_epochs=3"))
+    (phase,) = rec["phases"]
+    assert rec["status"] == "completed" and phase["resumed_from"] == str(ckpt)
+    assert [h["epoch"] for h in phase["history"]] == [0, 1, 2]  # the epochs before the kill are kept
+    assert phase["best_epoch"] is not None and 0 <= phase["best_epoch"] <= 2
+    assert not (sr_env / "resume" / "checkpoints").exists()  # removed once the job completed

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
@@ -94,6 +96,13 @@ class GroupMetrics(L.Callback):
             entry["test"] = self._flat_of(self._score(trainer, pl_module, trainer.datamodule.test_dataloader()), "test")
         self.history.append(entry)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The per-epoch history travels in the epoch checkpoint, so a resumed fit keeps the epochs before."""
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state.get("history", []))
+
     def _flat(self, split: str) -> dict[str, float]:
         return self._flat_of(self.results[split], split)
 
@@ -179,3 +188,26 @@ class BestWeights(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._state is not None:
             pl_module.load_state_dict(self._state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The best epoch so far (value, epoch, weights) travels in the epoch checkpoint: a resumed fit
+        selects among all its epochs, not only the ones after the resume."""
+        return {"best": self.best, "best_epoch": self.best_epoch, "weights": self._state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch, self._state = state.get("best"), state.get("best_epoch"), state.get("weights")
+
+
+class EpochCheckpoint(L.Callback):
+    """The fit's full state (weights, optimizer, scheduler, loops, callbacks) after every training epoch, in
+    one file written atomically, so a run killed by a time limit, a preemption or kill -9 resumes at the last
+    finished epoch instead of starting over. The experiment removes it when the job completes."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        trainer.save_checkpoint(tmp, weights_only=False)
+        os.replace(tmp, self.path)
