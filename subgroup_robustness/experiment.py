@@ -49,7 +49,7 @@ from subgroup_robustness.results import (PREDICTIONS_FILE, RESULTS_FILE, base_re
                                          read_predictions, read_record, example_metadata, write_results)
 from subgroup_robustness.utils.console import console, print_group_table
 from subgroup_robustness.utils.errors import instantiate_or_explain
-from subgroup_robustness.utils.io import atomic_write_bytes, stable_hash
+from subgroup_robustness.utils.io import atomic_write_bytes, flatten, stable_hash
 from subgroup_robustness.utils.locks import JobLock
 from subgroup_robustness.utils.perf import configure_process, release_memory
 
@@ -435,15 +435,7 @@ def run_summary(cfg: DictConfig) -> dict[str, Any]:
 
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 8) -> list[str]:
     """Dotted keys whose values differ between two configs (what made a stored result stale)."""
-    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(d, Mapping):
-            out: dict[str, Any] = {}
-            for k, v in d.items():
-                out.update(flat(v, f"{prefix}{k}."))
-            return out
-        return {prefix[:-1]: d}
-
-    a, b = flat(identity_payload(old)), flat(identity_payload(new))
+    a, b = flatten(identity_payload(old)), flatten(identity_payload(new))
     keys = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
     return keys[:limit] + ([f"... {len(keys) - limit} more"] if len(keys) > limit else [])
 

@@ -40,22 +40,13 @@ from torch import nn
 
 from subgroup_robustness.compression.base import Compressor
 from subgroup_robustness.compression.context import CompressionContext, Compressed
-from subgroup_robustness.models.structure import is_head
+from subgroup_robustness.compression.quantization import linear_filter
 from subgroup_robustness.utils.errors import ConfigError
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_LAYOUTS = ("cpu_int4pack", "intx_unpacked")
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 N_MULTIPLE = 16  # ATen's CPU int4 packer: output features in multiples of 16
-
-
-def linear_filter(quantize_classifier: bool = True):
-    """torchao filter: every Linear (optionally without the classification head)."""
-    def keep(module: nn.Module, fqn: str) -> bool:
-        if not isinstance(module, nn.Linear) or type(module).__name__ == "NonDynamicallyQuantizableLinear":
-            return False
-        return quantize_classifier or not is_head(fqn)
-    return keep
 
 
 def storage_dtypes(model: nn.Module) -> dict[str, str]:

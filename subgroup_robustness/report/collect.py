@@ -49,7 +49,7 @@ from subgroup_robustness.data.groups import PRIMARY
 from subgroup_robustness.report import selection as sel
 from subgroup_robustness.results import RESULTS_FILE, read_record
 from subgroup_robustness.utils.errors import UserError
-from subgroup_robustness.utils.io import stable_hash
+from subgroup_robustness.utils.io import flatten, stable_hash
 
 BASE = "base"
 # the family of a distilled checkpoint fine-tuned as is (the paper's KD rows)
@@ -358,13 +358,8 @@ def _usable(row: dict[str, Any]) -> str | None:
 
 
 # ---- run identity: which runs may be pooled ------------------------------------------------------------
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d} if prefix else {}
+_flatten = flatten
+
 
 
 def identity(rec: dict[str, Any]) -> dict[str, str] | None:

@@ -23,6 +23,8 @@ from typing import Any, Mapping
 
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 
+from subgroup_robustness.utils.io import flatten  # noqa: E402 - re-exported for callers of this module
+
 log = logging.getLogger(__name__)
 
 COLUMNS = ["split", "grouping", "group", "count", "acc", "base_acc"]
@@ -76,16 +78,6 @@ class WandbLogger(_LightningWandbLogger):
 
 def _wandb_runs(loggers: list) -> list:
     return [lg for lg in loggers if type(lg).__name__ == "WandbLogger"]
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
-    if isinstance(obj, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: obj} if prefix else {}
 
 
 def run_keys(config: Mapping[str, Any]) -> dict[str, Any]:
