@@ -381,6 +381,7 @@ def identity(rec: dict[str, Any]) -> dict[str, str] | None:
     if isinstance(data, dict) and "dataset" in data and data.get("dataset") == payload.get("dataset"):
         payload = {**payload, "data": {k: v for k, v in data.items() if k != "dataset"}}
     seed = _get(rec, "run", "seed", default=cfg.get("seed"))
+    payload = _mask_seed(payload, seed)  # also inside lists: compressor.stages[*].calibration.seed
     out: dict[str, str] = {}
     for key, value in _flatten(payload).items():
         if key == "seed" or any(key == p or key.startswith(p + ".") for p in POOL_IGNORED) \
@@ -390,6 +391,16 @@ def identity(rec: dict[str, Any]) -> dict[str, str] | None:
             value = "<seed>"
         out[key] = json.dumps(value, sort_keys=True, default=str)
     return out
+
+
+def _mask_seed(obj: Any, seed: Any) -> Any:
+    """Every ``seed`` key holding the run's seed, at any depth (lists included), becomes ``<seed>``."""
+    if isinstance(obj, dict):
+        return {k: ("<seed>" if k == "seed" and v == seed and not isinstance(v, bool) and seed is not None
+                    else _mask_seed(v, seed)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_mask_seed(v, seed) for v in obj]
+    return obj
 
 
 def _context(flat: dict[str, str] | None) -> dict[str, str] | None:
@@ -428,6 +439,25 @@ def _short(variant: str, keys: list[str], flat: dict[str, str] | None) -> str:
     return _variant(flat, keys[:VARIANT_SHOWN]) + f", +{len(keys) - VARIANT_SHOWN} more"
 
 
+def _without_source(flat: dict[str, str]) -> dict[str, str]:
+    """A flat identity without the calibration source: the top-level knob and its copy in every stage."""
+    def mask(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: ("<source>" if k == "source" and "examples" in obj else mask(v)) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [mask(v) for v in obj]
+        return obj
+
+    out = {}
+    for k, v in flat.items():
+        if k == CALIBRATION_KEY:
+            continue
+        if k == "compressor.stages":
+            v = json.dumps(mask(json.loads(v)), sort_keys=True, default=str)
+        out[k] = v
+    return out
+
+
 def assign_variants(runs: pd.DataFrame, flats: dict[str, dict[str, str] | None]) -> pd.DataFrame:
     """Columns ``context`` / ``identity`` (hashes), ``model_id`` and ``variant`` (the keys that set a run apart
     from the other runs of its table, as ``key=value``), and the row label ``setting`` (``pr40 {key=value}``
@@ -438,8 +468,8 @@ def assign_variants(runs: pd.DataFrame, flats: dict[str, dict[str, str] | None])
     runs["context"] = ["" if f is None else stable_hash(_context(f), 12) for f in flat_of]
     runs["model_id"] = [stable_hash(_model_part(f), 12) for f in flat_of]
     # the run's identity without its calibration source: the runs of one method that differ only in the source
-    runs["calibration_id"] = ["" if f is None or CALIBRATION_KEY not in f else
-                              stable_hash({k: v for k, v in f.items() if k != CALIBRATION_KEY}, 12) for f in flat_of]
+    runs["calibration_id"] = ["" if f is None or CALIBRATION_KEY not in f else stable_hash(_without_source(f), 12)
+                              for f in flat_of]
     runs["setting_name"] = runs["setting"]
     runs["variant"] = ""
     done = runs[(runs["status"] == "completed")]

@@ -164,3 +164,28 @@ def test_the_calibration_experiment_is_one_report_experiment():
 
     cfg = compose(["experiment=calibration", "compressor=wanda50", "compressor.calibration.source=worst_group"])
     assert cfg.experiment_name == "calibration" and cfg.compressor.calibration.source == "worst_group"
+
+
+def test_a_seed_inside_a_stage_list_does_not_split_the_seeds_of_one_row():
+    from subgroup_robustness.report.collect import identity
+
+    def rec(seed):
+        stages = [{"_target_": "x.Wanda", "calibration": {"source": "natural", "seed": seed}}]
+        return {"run": {"seed": seed}, "config": {"seed": seed, "compressor": {"name": "wanda50", "stages": stages}}}
+
+    assert identity(rec(1)) == identity(rec(2))
+    other = rec(2)
+    other["config"]["compressor"]["stages"][0]["calibration"]["seed"] = 7  # a fixed calibration seed differs
+    assert identity(rec(1)) != identity(other)
+
+
+def test_the_source_inside_the_stages_does_not_split_one_method_across_sources():
+    from subgroup_robustness.report.collect import _without_source, identity
+
+    def rec(source):
+        stages = [{"_target_": "x.Wanda", "calibration": {"source": source, "examples": 256, "seed": 1}}]
+        return {"run": {"seed": 1}, "config": {"seed": 1, "compressor": {
+            "name": "wanda50", "calibration": {"source": source, "examples": 256}, "stages": stages}}}
+
+    a, b = identity(rec("natural")), identity(rec("worst_group"))
+    assert a != b and _without_source(a) == _without_source(b)
