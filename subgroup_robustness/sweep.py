@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from rich.markup import escape
 
 from subgroup_robustness.results import RESULTS_FILE, is_completed, read_results
@@ -75,6 +75,28 @@ def live_owner(output_dir: Path) -> str | None:
     except OSError:
         return None
     return state.describe() if state.exists and state.alive else None
+
+
+def _complete_and_same(config: DictConfig, path: Path) -> bool:
+    """The job will be skipped: its results.json is complete AND has this job's run identity (a complete
+    result of another config is re-run, so it must not be announced as skipped)."""
+    if not is_completed(path):
+        return False
+    try:
+        from omegaconf import read_write
+
+        from subgroup_robustness.launchers import same_identity
+        from subgroup_robustness.preflight import expand_chain
+        from subgroup_robustness.results import read_record
+
+        task = config.copy()
+        with read_write(task), open_dict(task):
+            del task["hydra"]
+        expand_chain(task)
+        previous, _ = read_record(path)
+        return bool(previous) and same_identity(task, previous)
+    except Exception:  # noqa: BLE001 - progress lines must never stop a job: say "running" when unsure
+        return False
 
 
 def job_state(output_dir: Path, started_complete: bool, hydra_failed: bool) -> tuple[str, str | None]:
@@ -251,7 +273,7 @@ class SweepProgress(Callback):
         if not is_multirun(config):
             return
         out = Path(config.hydra.runtime.output_dir)
-        will_skip = bool(config.get("skip_existing", True)) and is_completed(out / RESULTS_FILE)
+        will_skip = bool(config.get("skip_existing", True)) and _complete_and_same(config, out / RESULTS_FILE)
         num = self._job_num(config)
         self._started[num] = time.perf_counter()
         extra = {"will_skip": will_skip, "host": socket.gethostname()}
