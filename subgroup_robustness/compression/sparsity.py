@@ -31,6 +31,7 @@ model runs as a dense model with the mask applied; only a GPU with 2:4 kernels (
 
 from __future__ import annotations
 
+import abc
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -267,7 +268,7 @@ def sparsity_of(targets: Sequence[tuple[str, nn.Module]]) -> float:
 
 
 # ---- compressors ------------------------------------------------------------------------------------
-class _OneShot(Compressor):
+class _OneShot(Compressor, abc.ABC):
     """Shared by the one-shot pruners: targets, masks, refit, finalize, report."""
 
     family = "pruning"
@@ -302,8 +303,10 @@ class _OneShot(Compressor):
         return self.refit
 
     # -- the method ---------------------------------------------------------------------------------
+    @abc.abstractmethod
     def prune_group(self, group: list[tuple[str, nn.Linear]], stats: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
+        """Prune the Linears of one group in place (from ``statistics``' calibration figures); return what
+        the report records of them. Each method (magnitude, Wanda, SparseGPT) defines its own."""
 
     def statistics(self, model, batches, group, stop_after) -> dict[str, Any]:
         return {}

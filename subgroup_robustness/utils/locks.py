@@ -104,17 +104,24 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
         return None
 
 
-def pid_alive(pid: int, start: int | None = None) -> bool:
-    """Whether process ``pid`` of this machine is alive and, when ``start`` is given, is the same process
-    (not a recycled PID). A zombie (killed, not yet reaped) counts as dead."""
-    if pid <= 0:
-        return False
+def _exists(pid: int) -> bool:
+    """Signal 0: no such process -> False; EPERM means it exists but belongs to another user -> True."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        pass  # another user's live process
+        return True
+    return True
+
+
+def pid_alive(pid: int, start: int | None = None) -> bool:
+    """Whether process ``pid`` of this machine is alive and, when ``start`` is given, is the same process
+    (not a recycled PID). A zombie (killed, not yet reaped) counts as dead."""
+    if pid <= 0:
+        return False
+    if not _exists(pid):
+        return False
     stat = _proc_stat(pid)
     if stat is None:
         return not Path("/proc/self/stat").exists() or Path(f"/proc/{pid}").exists()
