@@ -218,12 +218,8 @@ class StaticInt8(_Int8):
         # null: the paper's calibration (the training split, or its first calibration_batches batches);
         # {source, examples, seed}: a draw of data.calibration (natural | group_balanced | worst_group)
         if calibration is not None:
-            from omegaconf import DictConfig, OmegaConf
-
             from subgroup_robustness.data.calibration import check_calibration
 
-            if isinstance(calibration, DictConfig):
-                calibration = OmegaConf.to_container(calibration, resolve=True)
             calibration = check_calibration(calibration, "static int8")
         self.calibration = calibration
 

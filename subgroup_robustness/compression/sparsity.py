@@ -293,7 +293,7 @@ class _OneShot(Compressor, abc.ABC):
         if self.calibrates:
             from subgroup_robustness.data.calibration import check_calibration
 
-            self.calibration = check_calibration(_plain(calibration), what)
+            self.calibration = check_calibration(calibration, what)
         self._pruned: list[tuple[str, nn.Linear]] = []
         self._extra: dict[str, Any] = {}
 
@@ -373,18 +373,6 @@ class _OneShot(Compressor, abc.ABC):
             out["relative_reconstruction_error_mean"] = sum(errors) / len(errors)
             out["per_linear"] = per
         return out
-
-
-def _plain(value: Any) -> Any:
-    """A Hydra DictConfig argument as a plain dict (settings go into results.json)."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(value, DictConfig):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return value
 
 
 class OneShotMagnitude(_OneShot):

@@ -158,12 +158,11 @@ class FFNPruning(_Structured):
             raise ConfigError(f"ffn pruning: sparsity={sparsity} must be in [0, 1)")
         if importance not in IMPORTANCES:
             raise ConfigError(f"ffn pruning: importance={importance!r}; use one of {list(IMPORTANCES)}")
-        from subgroup_robustness.compression.sparsity import _plain
         from subgroup_robustness.data.calibration import check_calibration
 
         self.sparsity = value
         self.importance = importance
-        self.calibration = check_calibration(_plain(calibration), "ffn pruning") if importance == "activation" else None
+        self.calibration = check_calibration(calibration, "ffn pruning") if importance == "activation" else None
         self._before: list[int] = []
         self._params_before = 0
         self._extra: dict[str, Any] = {}

@@ -42,7 +42,12 @@ DEFAULTS = {"source": "natural", "examples": 256, "seed": 0}
 
 def check_calibration(calibration: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
     """A calibration spec with its defaults filled, or one ConfigError line (called in ``__init__``, before
-    any training)."""
+    any training). A Hydra DictConfig is taken as the plain dict it resolves to (settings go into
+    results.json)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(calibration, DictConfig):
+        calibration = OmegaConf.to_container(calibration, resolve=True)
     spec = dict(DEFAULTS)
     if calibration is not None:
         if not isinstance(calibration, Mapping):
