@@ -48,11 +48,13 @@ def test_paper_grid_is_the_papers_19_rows_on_three_datasets():
 def test_offline_grid_replaces_checkpoints_by_students_and_composes():
     settings = sweep_params("offline_grid")["setting"].split(",")
     assert not KD & set(settings) and {"distill", "distill_l2", "base"} <= set(settings)
+    # every re-training row runs next to its matched-compute control (issue 12)
+    assert {"refit", "vtc", "distill_ce", "distill_l2_ce"} <= set(settings)
     assert len(settings) >= 14
     for s in settings:
         cfg = compose(["experiment=offline_grid", f"setting={s}"])
         assert (cfg.model.name, cfg.compressor.name) == ("minilm_l6", "none" if s == "base" else s)
-        assert cfg.dataset.name == "redditbias" and cfg.dataset.subsample.train == 4000
+        assert cfg.dataset.name == "redditbias" and cfg.dataset.subsample.train == 2500
     smoke = compose(["experiment=smoke"])
     assert smoke.trainer.limit_train_batches == 2 and smoke.experiment_name == "smoke"
     assert smoke.hydra.sweeper.params.setting.split(",") == settings  # every setting, a few steps each
