@@ -225,7 +225,16 @@ def worst_group_line(result: Mapping[str, Any]) -> str:
     if result.get("task") == "multilabel":
         return (f"worst-group macro-F1 {_pct(result.get('macro_f1_wg'))}, micro-F1 {_pct(result.get('micro_f1_wg'))} "
                 f"over {len(result.get('count') or {})} groups (GD macro-F1 {_pct(result.get('gd_macro_f1'))})")
-    return f"worst-group {_pct(result.get('acc_wg'))} over {len(result.get('acc') or {})} groups"
+    from subgroup_robustness.utils.console import empty_groups
+
+    groups, empty = result.get("acc") or {}, empty_groups(result)
+    line = f"worst-group {_pct(result.get('acc_wg'))} over {len(groups) - len(empty)} groups"
+    if empty:
+        line += f" ({len(empty)} empty, left out of the minimum: {', '.join(empty)})"
+    if "acc_avg_rows" in result:
+        line += (f"; row-duplicated average {_pct(result['acc_avg_rows'])} over {result.get('rows', 0):,} "
+                 "(example, group) rows (inflated: BalancingGroups' convention)")
+    return line
 
 
 def extra_test_set_lines(rec: Mapping[str, Any]) -> list[str]:
@@ -270,3 +279,8 @@ def print_multilabel_table(title: str, result: Mapping[str, Any], base: Mapping[
             row.append(fmt(base.get(macro)))
         table.add_row(*row, style="bold")
     console.print(table)
+    from subgroup_robustness.utils.console import empty_groups, empty_note
+
+    empty = empty_groups(result)
+    if empty:
+        console.print(f"  {empty_note(empty, len(result.get('count') or {}))}")

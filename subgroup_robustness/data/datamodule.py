@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from subgroup_robustness.data.groups import PRIMARY, Grouping, build_groupings, metadata_columns, value_names
+from subgroup_robustness.data.groups import PRIMARY, Grouping, build_groupings, cells, metadata_columns, value_names
 from subgroup_robustness.data.sources.splits import SPLITS
 from subgroup_robustness.data.spec import validate_dataset_spec
 from subgroup_robustness.utils.errors import CorruptDataError, instantiate_or_explain
@@ -64,7 +64,8 @@ def validate_table(df: pd.DataFrame, dataset_cfg: Mapping) -> None:
 
 
 def subsample_table(df: pd.DataFrame, sizes: Mapping[str, int] | None, strata: pd.Series, seed: int) -> pd.DataFrame:
-    """Seeded, group-stratified subsample per split; every non-empty group keeps at least one example."""
+    """Seeded, stratified subsample per split (``strata``: every grouping's cells, ``groups.cells``); every
+    non-empty cell keeps at least one example, so no group of any grouping empties by subsampling."""
     if not sizes:
         return df
     keep = []
@@ -229,8 +230,7 @@ class GroupDataModule(L.LightningDataModule):
             for col in self.columns:
                 df[col] = df[col].astype(int)
             meta = torch.as_tensor(df[self.columns].to_numpy(), dtype=torch.long)
-            gid = self.primary.group_ids(meta) if self.primary.disjoint else torch.zeros(len(df), dtype=torch.long)
-            strata = pd.Series(gid.numpy(), index=df.index)
+            strata = pd.Series(cells(self.groupings, meta).numpy(), index=df.index)  # every grouping's cells
             df = subsample_table(df, self.cfg.get("subsample"), strata, int(self.cfg.get("subsample_seed", 0)))
             self.table = df.reset_index(drop=True)
         return self.table

@@ -53,6 +53,7 @@ def summarize(cfg: DictConfig) -> dict[str, Any]:
         none = (~grouping.masks(meta).any(1)).numpy()
         out["groupings"][name] = {
             "disjoint": grouping.disjoint,
+            "average": grouping.average,
             "counts": {g: {k: int(v) for k, v in row.items()} for g, row in counts.to_dict(orient="index").items()},
             "in_no_group": {s: int(none[(df["split"] == s).to_numpy()].sum()) for s in SPLITS},
         }
@@ -81,6 +82,8 @@ def render(summary: dict[str, Any]) -> None:
     console.print(sizes)
     for name, g in summary["groupings"].items():
         kind = "disjoint" if g["disjoint"] else "overlapping: one example may count in several groups"
+        if g.get("average") == "rows":
+            kind += "; also averaged over one row per (example, group): inflated, BalancingGroups' convention"
         console.print(f"[bold]{summary['dataset']}: grouping '{name}' ({len(g['counts'])} groups, {kind})[/bold]",
                       soft_wrap=True)
         table = Table()

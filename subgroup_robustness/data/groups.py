@@ -15,6 +15,13 @@ Two optional keys refine either form:
   holding the ``by`` groups of that value only; every result then has its own worst group
   (``test/lang_de/acc_wg``: the worst-group accuracy of the German examples). ``Grouping.within`` says
   which column and value a grouping is restricted to.
+- ``average: rows``: the grouping also reports ``acc_avg_rows``, the average over one row per (example,
+  group) pair, the convention of BalancingGroups / SubpopBench (Idrissi et al. 2022; Yang et al. 2023) for
+  CivilComments, whose evaluation files hold a comment once per identity it mentions and leave out the
+  comments that mention none. That average is inflated against the per-example one (a comment with two
+  identities counts twice, the no-identity majority not at all) and is labelled as such wherever shown; the
+  group accuracies (and so the worst group) are the same as the overlapping masks' (``each:``).
+  ``average: examples`` (the default) adds nothing.
 
 Multi-label datasets (``task: multilabel``) keep the label set as a bitmask in the ``label`` column; its
 values are label sets, not label names, so their groupings use attributes only (``label`` is refused).
@@ -33,7 +40,8 @@ from subgroup_robustness.utils.errors import ConfigError
 
 PRIMARY = "groups"
 MULTILABEL = "multilabel"
-SPEC_KEYS = ("by", "each", "exclude", "per")
+SPEC_KEYS = ("by", "each", "exclude", "per", "average")
+AVERAGES = ("examples", "rows")
 
 
 @dataclass
@@ -44,6 +52,7 @@ class Grouping:
     disjoint: bool = True
     columns: list[str] = field(default_factory=list)
     within: tuple[str, str] | None = None  # (column, value name) of a ``per:`` grouping, else None
+    average: str = "examples"  # "rows": also the row-duplicated average (``average: rows`` above)
 
     @property
     def n_groups(self) -> int:
@@ -64,6 +73,19 @@ class Grouping:
         m = self.masks(metadata)
         ids = m.float().argmax(dim=1)
         return torch.where(m.any(dim=1), ids, torch.full_like(ids, -1))
+
+
+def cells(groupings: Mapping[str, Grouping], metadata: torch.Tensor) -> torch.Tensor:
+    """(B,) cell index of every example: examples share a cell when they share their group of the primary
+    grouping and their membership in every group of every grouping (overlapping masks included), so a
+    stratified draw over cells keeps every grouping's groups in proportion. Cells are numbered in the order
+    of (primary group id, memberships), so with one disjoint grouping the cells are its groups, in its order."""
+    primary = groupings[PRIMARY]
+    gid = primary.group_ids(metadata) if primary.disjoint else torch.zeros(metadata.shape[0], dtype=torch.long)
+    parts = [gid.unsqueeze(1)] + [g.masks(metadata).long() for name, g in groupings.items()
+                                  if name != PRIMARY or not g.disjoint]
+    _, inverse = torch.unique(torch.cat(parts, 1), dim=0, return_inverse=True)
+    return inverse
 
 
 def metadata_columns(dataset_cfg: Mapping) -> list[str]:
@@ -139,7 +161,11 @@ def build_grouping(name: str, spec: Mapping, dataset_cfg: Mapping,
     unknown = set(spec) - set(SPEC_KEYS)
     if unknown:
         raise ConfigError(f"grouping {name!r}: unknown keys {sorted(unknown)}; use `by` and/or `each` "
-                          "(optionally `exclude`, `per`)")
+                          "(optionally `exclude`, `per`, `average`)")
+    average = spec.get("average") or "examples"
+    if average not in AVERAGES:
+        raise ConfigError(f"grouping {name!r}: `average` is one of {list(AVERAGES)} (rows: one row per example "
+                          f"and group, BalancingGroups' CivilComments convention); got {average!r}")
     if not by and not each:
         raise ConfigError(f"grouping {name!r} needs `by` and/or `each`")
     if within is not None:
@@ -170,7 +196,7 @@ def build_grouping(name: str, spec: Mapping, dataset_cfg: Mapping,
             conds.append(cond)
     where = (within[0], value_names(dataset_cfg, within[0])[within[1]]) if within is not None else None
     return Grouping(name=name, group_names=names, conditions=conds, disjoint=not each, columns=columns,
-                    within=where)
+                    within=where, average=average)
 
 
 def expand(name: str, spec: Mapping, dataset_cfg: Mapping) -> dict[str, Grouping]:

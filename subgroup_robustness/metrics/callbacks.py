@@ -50,7 +50,8 @@ class GroupMetrics(L.Callback):
         self.num_labels = len(cfg.get("label_names") or []) if self.multilabel else 0
 
     def _metrics(self) -> nn.ModuleDict:
-        return nn.ModuleDict({name: group_metric(g.group_names, self.multilabel, self.num_labels)
+        return nn.ModuleDict({name: group_metric(g.group_names, self.multilabel, self.num_labels,
+                                                 row_average=g.average == "rows")
                               for name, g in self.groupings.items()})
 
     def _start(self, split: str, pl_module: L.LightningModule) -> None:

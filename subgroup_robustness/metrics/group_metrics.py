@@ -15,9 +15,11 @@ from torchmetrics import Metric
 class GroupAccuracy(Metric):
     full_state_update = False
 
-    def __init__(self, group_names: list[str], **kwargs):
+    def __init__(self, group_names: list[str], row_average: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.group_names = list(group_names)
+        # ``average: rows`` groupings: also the average over one row per (example, group) pair (groups.py)
+        self.row_average = bool(row_average)
         g = len(self.group_names)
         self.add_state("correct", default=torch.zeros(g, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", default=torch.zeros(g, dtype=torch.long), dist_reduce_fx="sum")
@@ -38,20 +40,28 @@ class GroupAccuracy(Metric):
         acc = {n: (c / t if t else math.nan) for n, c, t in zip(self.group_names, correct, total)}
         present = [a for a in acc.values() if not math.isnan(a)]
         n_all = int(self.all_total)
-        return {
+        out = {
             # average accuracy over all examples (count-weighted), as the paper and WILDS report it
             "acc_avg": int(self.all_correct) / n_all if n_all else math.nan,
+            # the minimum over the groups with examples; the empty ones are listed, never silently dropped
             "acc_wg": min(present) if present else math.nan,
             "worst_group": min((n for n in acc if not math.isnan(acc[n])), key=acc.get) if present else None,
             "acc": acc,
             "count": dict(zip(self.group_names, total)),
             "n": n_all,
+            "empty": [n for n, t in zip(self.group_names, total) if not t],
         }
+        if self.row_average:
+            rows = sum(total)
+            out["acc_avg_rows"] = sum(correct) / rows if rows else math.nan
+            out["rows"] = rows
+        return out
 
 
 def flatten_metrics(split: str, grouping: str | None, result: dict) -> dict[str, float]:
     """Keys like ``test/acc_avg``, ``test/acc_wg``, ``test/acc/<group>`` and ``test/count/<group>``;
-    a secondary grouping gets its own prefix (``test/wilds16/acc_wg``). Absent groups get no acc key.
+    a secondary grouping gets its own prefix (``test/wilds16/acc_wg``). Absent groups get no acc key (their
+    count, 0, says they are empty). An ``average: rows`` grouping adds ``<pre>acc_avg_rows``.
     A multi-label result (``GroupMultiLabelF1``) gets its own keys (``flatten_multilabel``)."""
     if is_multilabel_result(result):
         return flatten_multilabel(split, grouping, result)
@@ -59,6 +69,8 @@ def flatten_metrics(split: str, grouping: str | None, result: dict) -> dict[str,
     out: dict[str, float] = {}
     if grouping is None:
         out[f"{pre}acc_avg"] = result["acc_avg"]
+    if "acc_avg_rows" in result:  # inflated: one row per (example, group) pair (``average: rows``)
+        out[f"{pre}acc_avg_rows"] = result["acc_avg_rows"]
     out[f"{pre}acc_wg"] = result["acc_wg"]
     for name, acc in result["acc"].items():
         if not math.isnan(acc):
@@ -157,6 +169,7 @@ class GroupMultiLabelF1(Metric):
             "macro_f1": by_group(macro),
             "count": dict(zip(self.group_names, total)),
             "n": n_all,
+            "empty": [n for n, t in zip(self.group_names, total) if not t],
         }
 
 
@@ -184,6 +197,7 @@ def flatten_multilabel(split: str, grouping: str | None, result: dict) -> dict[s
     return out
 
 
-def group_metric(group_names: list[str], multilabel: bool = False, num_labels: int = 0) -> Metric:
+def group_metric(group_names: list[str], multilabel: bool = False, num_labels: int = 0,
+                 row_average: bool = False) -> Metric:
     """The metric of one grouping: accuracy, or per-group F1 for a multi-label dataset."""
-    return GroupMultiLabelF1(group_names, num_labels) if multilabel else GroupAccuracy(group_names)
+    return GroupMultiLabelF1(group_names, num_labels) if multilabel else GroupAccuracy(group_names, row_average)

@@ -5,8 +5,9 @@ sweep; a bad file is skipped and named, never fatal).
     python -m subgroup_robustness.report logs/offline_grid/multirun --selection val/acc_wg
 
 Beyond the dataset tables: per-language tables and plots for runs with per-language groupings
-(``languages``), the same method across calibration sources (``calibration``), and macro-F1 tables for
-multi-label datasets (``tables.multilabel_table``).
+(``languages``), the same method across calibration sources (``calibration``), every group convention of a
+dataset from the same predictions (``conventions``: CivilComments' 4 groups, WILDS' 16 masks, row duplication),
+and macro-F1 tables for multi-label datasets (``tables.multilabel_table``).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def write_report(paths: Sequence[str | Path] | str | Path, out: str | Path | Non
     languages = cal = None
     console_lines: list[str] = []
     if len(summary):
-        from subgroup_robustness.report import calibration, languages as langs_mod
+        from subgroup_robustness.report import calibration, conventions, languages as langs_mod
 
         written["tables"] = write_tables(summary, out, col)
         for (exp, ds), part in col.completed.groupby(["experiment", "dataset"], sort=True):
@@ -95,6 +96,12 @@ def write_report(paths: Sequence[str | Path] | str | Path, out: str | Path | Non
             written["tables"] += lang_tables
             extra["Per language"] = langs_mod.headlines(languages)
             console_lines += [f"per-language table: {p.relative_to(out)}" for p in lang_tables if p.suffix == ".md"]
+        conv = conventions.summarize(col)
+        if len(conv):
+            conv.to_csv(out / "conventions.csv", index=False)
+            conv_tables = conventions.write_tables(conv, out, col)
+            written["tables"] += conv_tables
+            console_lines += [f"group conventions table: {p.relative_to(out)}" for p in conv_tables if p.suffix == ".md"]
         cal = calibration.summarize(col, summary, n_boot=n_boot, seed=seed)
         if len(cal):
             cal.to_csv(out / "calibration.csv", index=False)

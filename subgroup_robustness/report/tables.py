@@ -514,7 +514,13 @@ def write_tables(summary: pd.DataFrame, out_dir: Path, col: Collection | None = 
         title = f"{exp}: {ds}"
         runs = col.completed[(col.completed["experiment"] == exp) & (col.completed["dataset"] == ds)] if col else None
         rule = selection_line(col, runs) if col is not None else ""
-        notes = "\n".join(table_notes(part, runs) if runs is not None else [NOTE])
+        listed = table_notes(part, runs) if runs is not None else [NOTE]
+        if col is not None:
+            from subgroup_robustness.report.conventions import empty_groups, empty_note
+
+            empty = empty_note(empty_groups(col, exp, ds))
+            listed += [empty] if empty else []
+        notes = "\n".join(listed)
         (folder / f"{ds}.md").write_text(f"## {title}\n\n" + (f"{rule}\n\n" if rule else "")
                                          + f"{to_markdown(table)}\n" + notes.replace("\n", "\n\n") + "\n",
                                          encoding="utf-8")

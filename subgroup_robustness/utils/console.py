@@ -41,11 +41,13 @@ def print_group_table(title: str, result: dict[str, Any], base: dict[str, Any] |
     if base:
         table.add_column("base acc %", justify="right")
     worst = result.get("worst_group")
+    empty = empty_groups(result)
     for name, acc in result["acc"].items():
-        row = [name + (" (worst)" if name == worst else ""), str(result["count"][name]), _fmt(acc)]
+        shown = "empty" if name in empty else _fmt(acc)
+        row = [name + (" (worst)" if name == worst else ""), str(result["count"][name]), shown]
         if base:
             row.append(_fmt(base["acc"].get(name)))
-        table.add_row(*row, style="bold red" if name == worst else None)
+        table.add_row(*row, style="bold red" if name == worst else ("dim" if name in empty else None))
     table.add_section()
     for key, label in (("acc_avg", "average"), ("acc_wg", "worst-group")):
         if key in result:
@@ -54,6 +56,20 @@ def print_group_table(title: str, result: dict[str, Any], base: dict[str, Any] |
                 row.append(_fmt(base.get(key)))
             table.add_row(*row, style="bold")
     console.print(table)
+    if empty:
+        console.print(f"  {empty_note(empty, len(result['acc']))}")
+
+
+def empty_groups(result: dict[str, Any]) -> list[str]:
+    """The groups without an example in the scored split (``empty``; from the counts for older records)."""
+    if "empty" in result:
+        return list(result["empty"])
+    return [n for n, c in (result.get("count") or {}).items() if not c]
+
+
+def empty_note(empty: Sequence[str], n_groups: int) -> str:
+    return (f"{len(empty)} of {n_groups} groups have no example in this split and are left out of the worst-group "
+            f"minimum: {', '.join(empty)}")
 
 
 def error(message: str) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from subgroup_robustness.data.groups import build_groupings, metadata_columns
 from subgroup_robustness.data.sources import civilcomments
-from subgroup_robustness.metrics.group_metrics import GroupAccuracy
+from subgroup_robustness.metrics.group_metrics import GroupAccuracy, flatten_metrics
 from subgroup_robustness.utils.errors import CorruptDataError, DataUnavailableError
 from tests.data.fixtures import UNREACHABLE, civil_rows, serve, tar_gz, wilds_row, write_wilds_csv
 from tests.helpers import compose
@@ -61,10 +61,13 @@ def test_civilcomments_config_is_the_papers():
     groupings = build_groupings(d)
     assert groupings["groups"].group_names == ["non_toxic:no_identity", "non_toxic:identity", "toxic:no_identity", "toxic:identity"]
     assert len(groupings["wilds16"].group_names) == 16 and not groupings["wilds16"].disjoint
+    # BalancingGroups / SubpopBench's row duplication: WILDS' 16 groups, plus the average over the rows
+    assert groupings["rowdup"].group_names == groupings["wilds16"].group_names
+    assert (groupings["rowdup"].average, groupings["wilds16"].average, groupings["groups"].average) == ("rows", "examples", "examples")
     assert groupings["wilds16"].group_names[:2] == ["male:non_toxic", "male:toxic"]
 
 
-def test_both_groupings_match_hand_computed_accuracies(tmp_path):
+def test_the_three_conventions_match_hand_computed_accuracies(tmp_path):
     df = _hand_table(tmp_path)
     cfg = compose(["dataset=civilcomments"]).dataset
     groupings = build_groupings(cfg)
@@ -74,7 +77,7 @@ def test_both_groupings_match_hand_computed_accuracies(tmp_path):
     assert target.tolist() == [1, 0, 0, 1, 1, 0, 0, 1, 0, 1, 0, 1]
     results = {}
     for name, g in groupings.items():
-        metric = GroupAccuracy(g.group_names)
+        metric = GroupAccuracy(g.group_names, row_average=g.average == "rows")
         metric.update(preds[:7], target[:7], g.masks(meta[:7]))  # two batches, as in an epoch
         metric.update(preds[7:], target[7:], g.masks(meta[7:]))
         results[name] = metric.compute()
@@ -97,6 +100,19 @@ def test_both_groupings_match_hand_computed_accuracies(tmp_path):
     assert p["count"] == {"non_toxic:no_identity": 2, "non_toxic:identity": 4, "toxic:no_identity": 1, "toxic:identity": 5}
     assert p["acc"] == {"non_toxic:no_identity": 0.5, "non_toxic:identity": 0.75, "toxic:no_identity": 1.0, "toxic:identity": 0.8}
     assert p["acc_wg"] == 0.5 and p["acc_avg"] == 9 / 12
+    assert p["empty"] == [] and "acc_avg_rows" not in p and "acc_avg_rows" not in w
+
+    # row duplication: one row per (comment, identity); r2 and r4 count twice, r6-r8 (no identity) not at all:
+    # 11 rows, 9 correct (r1 and r3 wrong) -> 9/11, against 9/12 over comments: the inflated average
+    r = results["rowdup"]
+    assert r["acc_avg_rows"] == 9 / 11 and r["rows"] == 11
+    assert (r["acc"], r["count"], r["acc_wg"]) == (w["acc"], w["count"], w["acc_wg"])  # same groups as WILDS'
+    # the 7 identity x label cells without a comment are listed as empty, not silently dropped
+    assert w["empty"] == r["empty"] == [g for g in groupings["wilds16"].group_names if g not in expected]
+    assert len(w["empty"]) == 7
+    flat = flatten_metrics("test", "rowdup", r)
+    assert flat["test/rowdup/acc_avg_rows"] == 9 / 11 and "test/wilds16/acc_avg_rows" not in flatten_metrics("test", "wilds16", w)
+    assert flat["test/rowdup/count/muslim:toxic"] == 0 and "test/rowdup/acc/muslim:toxic" not in flat
 
 
 def test_bundle_download_is_extracted_and_cached(tmp_path):
@@ -144,3 +160,29 @@ def test_broken_files_are_named(tmp_path):
         civilcomments.load(tmp_path / "c", path=tmp_path / "empty")
     with pytest.raises(DataUnavailableError, match="does not exist"):
         civilcomments.load(tmp_path / "c", path=tmp_path / "nowhere.csv")
+
+
+def test_subsampling_keeps_every_groupings_cells(tmp_path):
+    """Stratifying on the primary 4 groups alone can empty a WILDS / row-duplication group (a rare identity
+    inside a large primary group); strata are the cells of every grouping, so each keeps an example."""
+    from subgroup_robustness.data.datamodule import subsample_table
+    from subgroup_robustness.data.groups import cells
+
+    rows = [wilds_row(i, f"c{i}", "train", 0.9 if i % 3 == 0 else 0.1, {"male": 1.0} if i % 2 else {})
+            for i in range(300)]
+    rows[7] = wilds_row(7, "the one", "train", 0.9, {"muslim": 1.0})  # the only toxic comment on muslims
+    df = civilcomments.load(tmp_path / "cache", path=write_wilds_csv(tmp_path / "all_data_with_identities.csv", rows))
+    cfg = compose(["dataset=civilcomments"]).dataset
+    groupings = build_groupings(cfg)
+    meta = torch.as_tensor(df[metadata_columns(cfg)].to_numpy().copy(), dtype=torch.long)
+    strata = pd.Series(cells(groupings, meta).numpy(), index=df.index)
+    for seed in range(5):
+        kept = subsample_table(df, {"train": 30}, strata, seed)
+        assert "the one" in kept["text"].tolist(), seed
+    primary_only = pd.Series(groupings["groups"].group_ids(meta).numpy(), index=df.index)
+    lost = [s for s in range(5) if "the one" not in subsample_table(df, {"train": 30}, primary_only, s)["text"].tolist()]
+    assert lost  # what the cells prevent: the primary strata alone lose the group for most seeds
+
+    # one disjoint grouping: the cells are its groups, in its order (so such datasets' subsamples are unchanged)
+    only = {"groups": groupings["groups"]}
+    assert torch.equal(cells(only, meta), groupings["groups"].group_ids(meta))

@@ -42,7 +42,8 @@ def test_overlapping_groups_show_the_examples_in_none(sr_env, capsys):
     path = write_wilds_csv(sr_env / "all_data_with_identities.csv", civil_rows(120))
     assert describe.main(["--json", "dataset=civilcomments", f"dataset.source.path={path}"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert set(summary["groupings"]) == {"groups", "wilds16"}
+    assert set(summary["groupings"]) == {"groups", "wilds16", "rowdup"}
+    assert summary["groupings"]["rowdup"]["average"] == "rows" and summary["groupings"]["wilds16"]["average"] == "examples"
     wilds = summary["groupings"]["wilds16"]
     assert not wilds["disjoint"] and len(wilds["counts"]) == 16
     none = sum(wilds["in_no_group"].values())

@@ -45,7 +45,7 @@ def test_multinli_binary_variant(tiny_bert_factory, sr_env):
     assert "test/count/neutral:negation" in test and "test/count/entailment:negation" not in test
 
 
-def test_civilcomments_reports_both_groupings(tiny_bert_factory, sr_env):
+def test_civilcomments_reports_all_three_conventions(tiny_bert_factory, sr_env):
     path = write_wilds_csv(sr_env / "all_data_with_identities.csv", civil_rows(140))
     out = sr_env / "run"
     rec = run_in_process(_overrides(tiny_bert_factory(2), out, "civilcomments", f"dataset.source.path={path}"))
@@ -53,6 +53,12 @@ def test_civilcomments_reports_both_groupings(tiny_bert_factory, sr_env):
     wilds = rec["groups"]["test"]["wilds16"]
     assert test["test/wilds16/acc_wg"] == wilds["acc_wg"] and len(wilds["acc"]) == 16
     assert sum(wilds["count"].values()) >= rec["groups"]["test"]["groups"]["count"]["toxic:identity"]
+    # row duplication: the same 16 groups, and the average over one row per (comment, identity)
+    rows = rec["groups"]["test"]["rowdup"]
+    assert rows["acc"] == wilds["acc"] and rows["rows"] == sum(wilds["count"].values())
+    correct = sum(round(a * wilds["count"][g]) for g, a in wilds["acc"].items() if wilds["count"][g])
+    assert abs(test["test/rowdup/acc_avg_rows"] - correct / rows["rows"]) < 1e-9
+    assert wilds["empty"] == [g for g, c in wilds["count"].items() if not c]
 
 
 def test_scotus_from_fairlex_files(tiny_bert_factory, sr_env):
