@@ -279,7 +279,8 @@ def _instantiate_callback(spec):
 # ---- the three steps ----------------------------------------------------------------------------------
 def prepare(cfg: DictConfig, stages: list[Compressor] | None = None) -> RunContext:
     """Process settings, data module (table loaded), loggers, and the model the first stage starts from."""
-    configure_process()  # threads = physical cores this process may use; large freed blocks stay mapped
+    # threads = physical cores this process may use; large freed blocks stay mapped; compile caches on disk
+    configure_process(cfg.paths.get("cache_dir"))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     stages = build_stages(cfg.compressor) if stages is None else stages
     dm = instantiate(cfg.data, _recursive_=False)

@@ -39,6 +39,16 @@ def label_sets(logits: torch.Tensor, threshold: float = THRESHOLD) -> tuple[torc
     return ((probs > threshold).long() << shifts).sum(-1), probs
 
 
+def compile_failure(exc: BaseException) -> str | None:
+    """One line naming a torch.compile failure (dynamo, AOTAutograd or inductor), None for any other error
+    (a bad batch, an out-of-memory), which must surface as itself."""
+    names = {cls.__module__.split(".")[1] if cls.__module__.startswith("torch.") else "" for cls in type(exc).__mro__}
+    if not names & {"_dynamo", "_inductor", "_functorch"}:
+        return None
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
 class SequenceClassifier(L.LightningModule):
     def __init__(self, model: nn.Module, objective: Objective | None = None, lr: float = 2e-5,
                  weight_decay: float = 0.0, warmup_ratio: float = 0.0, adam_eps: float = 1e-8,
@@ -97,7 +107,19 @@ class SequenceClassifier(L.LightningModule):
             # dynamic: bucketed batches change the sequence length every step; one graph serves them all.
             # A tuple is not registered as a submodule, so state_dict keys stay those of the plain model.
             self._compiled = (self.model, torch.compile(self.model, dynamic=True))
-        return self._compiled[1](**model_inputs(batch), **kwargs)
+        try:
+            return self._compiled[1](**model_inputs(batch), **kwargs)
+        except Exception as exc:  # noqa: BLE001 - compilation failures only (see compile_failure)
+            why = compile_failure(exc)
+            if why is None:
+                raise
+        # a model torch.compile cannot trace or a backend that fails here: train eagerly, say so in one line
+        from subgroup_robustness.utils.console import console
+
+        console.print(f"[yellow]module.compile: torch.compile failed ({why}); training eagerly[/yellow]",
+                      soft_wrap=True)
+        self.compile_model, self._compiled = False, None
+        return self(batch, **kwargs)
 
     def training_step(self, batch, batch_idx):
         kwargs = {}

@@ -113,6 +113,58 @@ def test_compile_flag_compiles_the_training_forward_only(tiny_model_dir, monkeyp
     assert len(calls["compile"]) == 2  # a replaced model (e.g. after pruning) is compiled afresh
 
 
+@pytest.mark.parametrize("failure", ["dynamo", "other"])
+def test_a_failing_compile_falls_back_to_eager_with_one_line(tiny_model_dir, monkeypatch, failure):
+    """A model torch.compile cannot handle trains eagerly (one line says why); any other error surfaces."""
+    from torch._dynamo.exc import Unsupported
+    from transformers import AutoModelForSequenceClassification
+
+    from subgroup_robustness.utils.console import console
+
+    def fake_compile(model, **kwargs):
+        def broken(**inputs):
+            if failure == "dynamo":
+                raise Unsupported("graph break in a custom op\nmore detail")
+            raise ValueError("a bad batch")
+        return broken
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    module = instantiate(compose(["module.compile=true"]).module)(
+        model=AutoModelForSequenceClassification.from_pretrained(tiny_model_dir))
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
+    batch = {"input_ids": torch.tensor([[2, 7, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+             "labels": torch.tensor([0]), "metadata": torch.tensor([[0, 0]])}
+    if failure == "other":
+        with pytest.raises(ValueError, match="a bad batch"):
+            module.training_step(batch, 0)
+        return
+    with console.capture() as cap:
+        loss = module.training_step(batch, 0)
+    assert torch.isfinite(loss) and not module.compile_model
+    line = cap.get().strip()
+    assert line.count("\n") == 0 and "torch.compile failed (Unsupported: graph break in a custom op)" in line
+    assert "training eagerly" in line
+    module.training_step(batch, 1)  # eager from now on: the broken compiled forward is not called again
+
+
+def test_compile_caches_live_under_the_project_cache(tmp_path, monkeypatch):
+    import os
+
+    from subgroup_robustness.utils.perf import configure_compile_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_FX_GRAPH_CACHE", raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_AUTOGRAD_CACHE", raising=False)
+    assert configure_compile_cache(tmp_path) == str(tmp_path / "compile") and (tmp_path / "compile").is_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compile")
+    assert os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] == os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "1"
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    assert cache_dir() == str(tmp_path / "compile")  # what inductor reads
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's setting wins
+    assert configure_compile_cache(tmp_path / "other") == str(tmp_path / "mine")
+
+
 def test_compile_flag_is_off_by_default(tiny_model_dir, monkeypatch):
     from transformers import AutoModelForSequenceClassification
 
