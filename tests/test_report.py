@@ -205,8 +205,10 @@ def test_rows_follow_the_experiments_sweep_list(tmp_path):
             (folder / ".hydra").mkdir()
             (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"sweeper": {"params": paper}}}))
     offline = sweep_list("offline_grid")["setting"].split(",")
+    controls = {"refit", "vtc", "distill_ce", "distill_l2_ce"}  # the matched-compute controls in the grid
     for i, name in enumerate(offline):
-        kw = {} if name == "base" else {"compressor": name, "family": families[name[:2]]}
+        kw = {} if name == "base" else {"compressor": name,
+                                        "family": "control" if name in controls else families[name[:2]]}
         path = tmp_path / "offline" / name / "results.json"
         write_fake_run(path.parent, size_mb=90.0 - (5 * i) % 17, **kw)
         rec = json.loads(path.read_text())
@@ -215,7 +217,8 @@ def test_rows_follow_the_experiments_sweep_list(tmp_path):
     summary = write_report(tmp_path, n_boot=20, plots=False)["summary"]
     got = {exp: list(part["setting"]) for exp, part in summary.groupby("experiment")}
     assert got["paper"] == [*names[:8], "distill", *names[8:]]  # Table 1, the unlisted student with its family
-    by_family = ["base", "distill", "distill_l2", *[n for n in offline if n[:2] in ("pr", "up")],
+    by_family = ["base", "refit", "vtc", "distill_ce", "distill_l2_ce", "distill", "distill_l2",
+                 *[n for n in offline if n[:2] in ("pr", "up")],
                  "dq", "sq", "qat", "vt100", "vt75", "vt50", "vt25"]
     assert got["offline_grid"] == by_family  # families together, each in the sweep's order
 
