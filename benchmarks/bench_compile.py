@@ -91,7 +91,8 @@ def run(quick: bool = False) -> dict:
             base = copy.deepcopy(ctx.model)
             if shape == "pruned":
                 _prune(base, 0.4)
-            label = "MiniLM-L6" if shape == "default" else "MiniLM-L6, 40 % of heads pruned (pr40's shape)"
+            name = str(cfg.model.get("name", "model"))
+            label = name if shape == "default" else f"{name}, 40 % of heads pruned (pr40's shape)"
             measured = [("eager (module.compile=false)", fit(ctx, base, False, warmup, windows, window)),
                         ("compiled, cold cache", fit(ctx, base, True, warmup, windows, window)),
                         ("compiled, warm cache, fresh process", _fresh_process(cache, quick, shape)),
