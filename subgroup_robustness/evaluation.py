@@ -251,7 +251,7 @@ def print_multilabel_table(title: str, result: Mapping[str, Any], base: Mapping[
     """The end-of-run table of a multi-label run: per group n, micro-F1 and macro-F1 (and the base's macro-F1)."""
     from rich.table import Table
 
-    from subgroup_robustness.utils.console import console
+    from subgroup_robustness.utils.console import console, empty_groups, empty_note
 
     table = Table(title=title, title_justify="left")
     for col, justify in (("group", "left"), ("n", "right"), ("micro-F1 %", "right"), ("macro-F1 %", "right")):
@@ -279,8 +279,6 @@ def print_multilabel_table(title: str, result: Mapping[str, Any], base: Mapping[
             row.append(fmt(base.get(macro)))
         table.add_row(*row, style="bold")
     console.print(table)
-    from subgroup_robustness.utils.console import empty_groups, empty_note
-
     empty = empty_groups(result)
     if empty:
         console.print(f"  {empty_note(empty, len(result.get('count') or {}))}")

@@ -141,6 +141,20 @@ def same_identity(task: DictConfig, previous: dict[str, Any]) -> bool:
     return stable_hash(payload, 16) == previous.get("run_id")
 
 
+def without_hydra(cfg: DictConfig) -> DictConfig:
+    """A job's own config: a copy of its sweep config without the ``hydra`` node (what the task receives)."""
+    task = copy.deepcopy(cfg)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    return task
+
+
+def is_complete_result(task: DictConfig, previous: dict[str, Any] | None) -> bool:
+    """``previous`` (a stored record) is a completed result of this very job (same run identity), so the job
+    is skipped when ``skip_existing`` holds. ``task``: the job's config with its chain expanded."""
+    return bool(previous) and previous.get("status") == "completed" and same_identity(task, previous)
+
+
 def _plan_one(job: PlannedJob, config: DictConfig, config_loader: Any) -> None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -156,9 +170,7 @@ def _plan_one(job: PlannedJob, config: DictConfig, config_loader: Any) -> None:
         cfg.hydra.runtime.output_dir = out
     HydraConfig.instance().set_config(cfg)
     job.out_dir, job.label = out, os.path.relpath(out, os.path.abspath(sweep_dir))
-    task = copy.deepcopy(cfg)
-    with read_write(task), open_dict(task):
-        del task["hydra"]
+    task = without_hydra(cfg)
     job.name = job_name(task, job.overrides)
 
     from subgroup_robustness.experiment import build_stages, run_identity, run_summary, starts_from_base
@@ -168,8 +180,7 @@ def _plan_one(job: PlannedJob, config: DictConfig, config_loader: Any) -> None:
     job.summary = run_summary(task)
     job.run_id = run_identity(task)
     previous, _ = read_record(Path(out) / RESULTS_FILE)
-    if previous and previous.get("status") == "completed" and task.get("skip_existing", True) \
-            and same_identity(task, previous):
+    if task.get("skip_existing", True) and is_complete_result(task, previous):
         job.action, job.reason = SKIP, "complete"
         metric = task.get("optimized_metric", "val/acc_wg")
         value = ((previous.get("metrics") or {}).get("val") or {}).get(metric)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from rich.markup import escape
 
 from subgroup_robustness.results import RESULTS_FILE, is_completed, read_results
@@ -83,18 +83,13 @@ def _complete_and_same(config: DictConfig, path: Path) -> bool:
     if not is_completed(path):
         return False
     try:
-        from omegaconf import read_write
-
-        from subgroup_robustness.launchers import same_identity
+        from subgroup_robustness.launchers import is_complete_result, without_hydra
         from subgroup_robustness.preflight import expand_chain
         from subgroup_robustness.results import read_record
 
-        task = config.copy()
-        with read_write(task), open_dict(task):
-            del task["hydra"]
+        task = without_hydra(config)
         expand_chain(task)
-        previous, _ = read_record(path)
-        return bool(previous) and same_identity(task, previous)
+        return is_complete_result(task, read_record(path)[0])
     except Exception:  # noqa: BLE001 - progress lines must never stop a job: say "running" when unsure
         return False
 

@@ -25,16 +25,15 @@ left out here.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from subgroup_robustness.data.groups import PRIMARY
-from subgroup_robustness.report.collect import Collection, _get
-from subgroup_robustness.report.tables import DEGENERATE_MARK, delta, pct, to_html, to_markdown
+from subgroup_robustness.report.collect import Collection, _get, _num
+from subgroup_robustness.report.tables import DEGENERATE_MARK, _mean, _std, delta, pct, to_html, to_markdown
+from subgroup_robustness.utils.console import empty_groups as result_empty_groups
 
 ROWS_LABEL = "avg over (example, group) rows — inflated"
 
@@ -63,13 +62,6 @@ def _values(col: Collection, run_dir: str, rec: dict[str, Any], name: str) -> di
     return out
 
 
-def _num(x: Any) -> float:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def empty_groups(col: Collection, exp: str, ds: str) -> dict[str, list[str]]:
     """Per grouping, the groups with no test example in at least one completed run of (experiment, dataset)."""
     runs = col.completed[(col.completed["experiment"] == exp) & (col.completed["dataset"] == ds)]
@@ -78,9 +70,7 @@ def empty_groups(col: Collection, exp: str, ds: str) -> dict[str, list[str]]:
         for name, res in (_get(col.records.get(r["dir"]) or {}, "groups", "test", default={}) or {}).items():
             if not isinstance(res, dict):
                 continue
-            empty = res.get("empty")
-            if empty is None:  # records written before ``empty`` existed: from the counts
-                empty = [g for g, c in (res.get("count") or {}).items() if not c]
+            empty = result_empty_groups(res)  # records written before ``empty`` existed: from the counts
             if empty:
                 out.setdefault(name, set()).update(empty)
     return {k: sorted(v) for k, v in out.items()}
@@ -121,16 +111,6 @@ def summarize(col: Collection) -> pd.DataFrame:
                 row[f"d_{key}_mean"], row[f"d_{key}_std"] = _mean(d), _std(d)
             rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _mean(v: list[float]) -> float:
-    v = [x for x in v if not math.isnan(x)]
-    return float(np.mean(v)) if v else math.nan
-
-
-def _std(v: list[float]) -> float:
-    v = [x for x in v if not math.isnan(x)]
-    return float(np.std(v, ddof=1)) if len(v) > 1 else math.nan
 
 
 def display(part: pd.DataFrame) -> pd.DataFrame:
