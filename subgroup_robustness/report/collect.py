@@ -358,10 +358,6 @@ def _usable(row: dict[str, Any]) -> str | None:
 
 
 # ---- run identity: which runs may be pooled ------------------------------------------------------------
-_flatten = flatten
-
-
-
 def identity(rec: dict[str, Any]) -> dict[str, str] | None:
     """The run's identity minus its seed, flattened (dotted key -> JSON value); None without a config.
 
@@ -383,7 +379,7 @@ def identity(rec: dict[str, Any]) -> dict[str, str] | None:
     seed = _get(rec, "run", "seed", default=cfg.get("seed"))
     payload = _mask_seed(payload, seed)  # also inside lists: compressor.stages[*].calibration.seed
     out: dict[str, str] = {}
-    for key, value in _flatten(payload).items():
+    for key, value in flatten(payload).items():
         if key == "seed" or any(key == p or key.startswith(p + ".") for p in POOL_IGNORED) \
                 or key.rsplit(".", 1)[-1] in POOL_IGNORED_NAMES:
             continue

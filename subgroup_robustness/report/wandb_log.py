@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 
-from subgroup_robustness.utils.io import flatten  # noqa: E402 - re-exported for callers of this module
+from subgroup_robustness.utils.io import flatten
 
 log = logging.getLogger(__name__)
 
