@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import lightning.pytorch as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -524,6 +525,7 @@ def _run_owned(cfg: DictConfig, out_dir: Path, res_path: Path, rid: str,
     try:
         stages = build_stages(cfg.compressor)
         ctx = prepare(cfg, stages)
+        rec["host"]["torch_threads"] = torch.get_num_threads()  # the timings' context (a parallel grid gives fewer)
         base_figures = model_figures(ctx.model)
         module, reports = execute(ctx, stages)
         if not stages and ctx.base_evals is not None:  # the base was just trained and tested

@@ -379,12 +379,16 @@ def _announce(config: DictConfig, jobs: list[PlannedJob], cluster: bool) -> None
 
 # ---- joblib (worker processes on this machine) -----------------------------------------------------------
 def execute_joblib_job(idx: int, overrides: Sequence[str], hydra_context: Any, config: DictConfig,
-                       task_function: Any, singleton_state: dict[Any, Any], progress_bar: bool) -> Any:
-    """hydra_joblib_launcher's execute_job, without the per-job progress bar when asked."""
+                       task_function: Any, singleton_state: dict[Any, Any], progress_bar: bool,
+                       threads: int | None = None) -> Any:
+    """hydra_joblib_launcher's execute_job, without the per-job progress bar when asked; ``threads``: the
+    job's torch threads (its share of the physical cores; loky's own cap counts logical CPUs)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.singleton import Singleton
     from hydra.core.utils import run_job, setup_globals
 
+    if threads:
+        os.environ["SR_NUM_THREADS"] = str(threads)  # read by utils.perf.configure_threads when the job starts
     setup_globals()
     Singleton.set_state(singleton_state)
     sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
@@ -401,9 +405,11 @@ def execute_joblib_job(idx: int, overrides: Sequence[str], hydra_context: Any, c
 def launch_joblib(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Any]:
     from hydra.core.singleton import Singleton
     from hydra.core.utils import configure_log, setup_globals
-    from joblib import Parallel, delayed
+    from joblib import Parallel, delayed, effective_n_jobs
 
     from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
+
+    from subgroup_robustness.utils.perf import physical_cores
 
     setup_globals()
     config = launcher.config
@@ -416,15 +422,19 @@ def launch_joblib(launcher: Any, job_overrides: Sequence[Sequence[str]], initial
     progress_bar = joblib_cfg.pop("progress_bar", None)
     joblib_cfg["backend"] = "loky"
     process_joblib_cfg(joblib_cfg)
-    n_jobs = joblib_cfg.get("n_jobs", -1)
-    if progress_bar is None:
-        progress_bar = n_jobs == 1
+    n_jobs = effective_n_jobs(joblib_cfg.get("n_jobs", -1))
     returns: dict[int, Any] = {j.idx: job_return(j, j.value) for j in jobs if j.action != RUN}
     state = Singleton.get_state()
     for wave in waves(jobs):
-        runs = Parallel(**joblib_cfg)(
+        # no more workers than jobs: a wave of one job (the single base fine-tune of a one-seed grid) runs in
+        # this process with every core, where a loky worker would get cores // n_jobs threads and idle the rest
+        width = min(n_jobs, len(wave))
+        bar = progress_bar if progress_bar is not None else width == 1
+        # side by side, each job gets its share of the physical cores (a user's SR_NUM_THREADS wins)
+        threads = None if width == 1 or os.environ.get("SR_NUM_THREADS") else max(1, physical_cores() // width)
+        runs = Parallel(**{**joblib_cfg, "n_jobs": width})(
             delayed(execute_joblib_job)(j.idx, j.overrides, launcher.hydra_context, config,
-                                        launcher.task_function, state, progress_bar) for j in wave)
+                                        launcher.task_function, state, bar, threads) for j in wave)
         for j, r in zip(wave, runs):
             returns[j.idx] = r
     return [returns[j.idx] for j in jobs]

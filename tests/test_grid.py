@@ -83,9 +83,12 @@ def test_job_count_and_deterministic_job_folders():
 
 # ---- running sweeps --------------------------------------------------------------------------------------
 def grid_cli(tiny_model_dir, redditbias_root, *extra: str) -> list[str]:
+    """The offline grid on the tiny model; the basic launcher unless ``extra`` names one (offline_grid's
+    own default is hydra/launcher=local)."""
+    launcher = [] if any(a.startswith("hydra/launcher=") for a in extra) else ["hydra/launcher=basic_graph"]
     return ["--multirun", "experiment=offline_grid", "model=local", f"model.path={tiny_model_dir}",
             f"dataset.source.root={redditbias_root}", "trainer.max_epochs=1", "trainer.precision=32-true",
-            "logger=none", "print_config=false", "callbacks.progress=null", *extra]
+            "logger=none", "print_config=false", "callbacks.progress=null", *launcher, *extra]
 
 
 def launch(args: list[str], cwd: Path, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -133,11 +136,28 @@ def test_joblib_grid_then_relaunch_skips_everything(tiny_model_dir, redditbias_r
     assert table.loc["dq", "size_mb"] < table.loc["base", "size_mb"]
 
     # relaunched (here with the basic launcher: job folders do not depend on the launcher)
-    again = launch([a for a in args if "launcher" not in a], sr_env)
+    again = launch([a for a in args if "launcher" not in a] + ["hydra/launcher=basic_graph"], sr_env)
     assert summary(sweep)["skipped"] == 6 and summary(sweep)["done"] == 0
     assert "6 complete (skipped, not launched)" in again.stdout  # the launcher's plan: nothing to run
     second = results(sweep)
     assert {k: v["finished"] for k, v in second.items()} == {k: v["finished"] for k, v in first.items()}
+
+
+def test_joblib_wave_of_one_job_runs_here_with_every_core(tiny_model_dir, redditbias_root, sr_env):
+    """make grid with one seed: the single base fine-tune is a wave of one job, which runs in the launching
+    process with all its threads; the jobs after it share the cores between two workers."""
+    from subgroup_robustness.utils.perf import physical_cores
+
+    cores = physical_cores()
+    if cores < 2:
+        pytest.skip("needs two cores to tell one worker's threads from all of them")
+    args = grid_cli(tiny_model_dir, redditbias_root, "setting=base,dq,pr40", "seed=1",
+                    "hydra/launcher=local", "hydra.launcher.n_jobs=2")
+    launch(args, sr_env, timeout=600)
+    runs = {r["run"]["compressor"]: r for r in results(sr_env / "logs" / "offline_grid" / "multirun").values()}
+    assert all(r["status"] == "completed" for r in runs.values()) and len(runs) == 3
+    assert runs["none"]["host"]["torch_threads"] == cores
+    assert runs["dq"]["host"]["torch_threads"] == runs["pr40"]["host"]["torch_threads"] == max(1, cores // 2)
 
 
 def test_a_failed_joblib_job_is_recorded_and_the_sweep_goes_on(tiny_model_dir, redditbias_root, sr_env):
@@ -236,7 +256,10 @@ def test_slurm_presets_compose_with_the_documented_options():
     assert la.max_requeue >= 1 and la.signal_delay_s > 0 and la.setup and not any("activate" in x for x in la.setup)
     gpu = compose(["hydra/launcher=slurm"]).hydra.launcher
     assert gpu.gpus_per_node == 1 and gpu.mem_gb >= 16 and gpu.timeout_min >= 60
-    assert compose(["experiment=offline_grid"]).hydra.launcher._target_.endswith("BasicGraphLauncher")
+    grid = compose(["experiment=offline_grid"]).hydra.launcher  # make grid: two joblib workers
+    assert grid._target_.endswith("JoblibGraphLauncher") and grid.n_jobs == 2
+    assert compose(["experiment=offline_grid", "hydra/launcher=basic_graph"]).hydra.launcher._target_.endswith(
+        "BasicGraphLauncher")
 
 
 def test_job_names_and_host_dependent_identity():
