@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import logging
 import re
 import time
@@ -283,17 +284,31 @@ class MaskedLMModule(SequenceClassifier):
                  batch_size=batch["input_ids"].shape[0])
 
 
-def mlm_loader(tokenizer, texts: Sequence[str], batch_size: int, max_length: int, probability: float,
-               seed: int, shuffle: bool) -> DataLoader:
+def _seeded_mlm_collator(tokenizer, probability: float, seed: int):
+    """transformers' masking collator with its own seeded generator in any process. Its ``create_rng``
+    accepts a seed only in the main process or a DataLoader worker and raises in any other child process,
+    such as a joblib worker of ``hydra/launcher=local`` (every vt* job of a parallel grid failed so). Here the
+    loader has no workers, so the generator is the main process's: ``seed`` itself."""
     from transformers import DataCollatorForLanguageModeling
 
+    class SeededCollator(DataCollatorForLanguageModeling):
+        def create_rng(self, return_tensors=None):
+            if torch.utils.data.get_worker_info() is not None:
+                return super().create_rng(return_tensors)  # a DataLoader worker: seed + worker id
+            self.generator = self.get_generator(self.seed, return_tensors)
+            self._generator_pid = os.getpid()
+
+    return SeededCollator(tokenizer, mlm_probability=probability, seed=seed)
+
+
+def mlm_loader(tokenizer, texts: Sequence[str], batch_size: int, max_length: int, probability: float,
+               seed: int, shuffle: bool) -> DataLoader:
     from subgroup_robustness.data.datamodule import BucketBatchSampler
 
     ids = tokenizer(list(texts), truncation=True, max_length=max_length, return_attention_mask=False,
                     return_token_type_ids=False)["input_ids"]
     sampler = BucketBatchSampler(np.array([len(x) for x in ids]), batch_size, shuffle=shuffle, seed=seed)
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=probability, seed=seed)
-    return DataLoader(_Texts(ids), batch_sampler=sampler, collate_fn=collator)
+    return DataLoader(_Texts(ids), batch_sampler=sampler, collate_fn=_seeded_mlm_collator(tokenizer, probability, seed))
 
 
 def adapt_masked_lm(ctx: CompressionContext, mlm: nn.Module, tokenizer, epochs: int, batch_size: int,

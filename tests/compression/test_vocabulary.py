@@ -268,3 +268,26 @@ def test_vt50_end_to_end(tiny_model_dir, redditbias_root, sr_env):
     latency = stage["cpu_latency_ms_per_example"]  # measured by the run around every stage
     assert latency["before"] > 0 and latency["after"] > 0
     assert 0.0 <= rec["metrics"]["test"]["test/acc_wg"] <= rec["metrics"]["test"]["test/acc_avg"] <= 1.0
+
+
+def test_mlm_masks_are_seeded_alike_in_a_grid_worker_process(tiny_model_dir, monkeypatch):
+    """A joblib (loky) worker of hydra/launcher=local is neither the main process nor a DataLoader worker:
+    transformers' seeded collator raised there and failed every vt* job of a parallel grid. The masks must
+    be the main process's, for the same seed."""
+    import multiprocessing
+
+    from subgroup_robustness.compression.vocabulary import mlm_loader
+
+    _, tok = load(tiny_model_dir)
+
+    def masks():
+        loader = mlm_loader(tok, corpus(64), batch_size=16, max_length=32, probability=0.15, seed=3, shuffle=True)
+        return [(b["input_ids"].clone(), b["labels"].clone()) for b in loader]
+
+    here = masks()
+    monkeypatch.setattr(multiprocessing.current_process(), "name", "LokyProcess-1")
+    assert multiprocessing.current_process().name != "MainProcess"
+    there = masks()
+    assert len(here) == len(there) == 4
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(here, there))
+    assert any((b != -100).any() for _, b in there)  # something was masked
