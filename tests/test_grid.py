@@ -406,3 +406,15 @@ def test_group_counts_are_summed_across_two_real_processes(tmp_path):
 def test_ddp_trainer_config_shards_itself():
     cfg = compose(["trainer=ddp"])
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 2 and cfg.trainer.use_distributed_sampler is False
+
+
+def test_waves_put_only_the_bases_others_follow_first():
+    """One-seed offline grid: the base alone first; QAT and vocabulary transfer (no base needed) run with
+    the followers, so a parallel launcher never waits for them at a wave's end before followers start."""
+    from subgroup_robustness.launchers import SKIP, PlannedJob, waves
+
+    base, qat, dq, pr40 = (PlannedJob(i, [f"setting={s}"]) for i, s in enumerate(("base", "qat", "dq", "pr40")))
+    dq.after = pr40.after = base.idx
+    done = PlannedJob(4, ["setting=sq"], action=SKIP, after=base.idx)
+    assert [[j.idx for j in w] for w in waves([base, qat, dq, pr40, done])] == [[0], [1, 2, 3]]
+    assert [[j.idx for j in w] for w in waves([qat, PlannedJob(5, ["seed=2"])])] == [[1, 5]]  # nothing to wait for
