@@ -274,7 +274,7 @@ def plan_text(jobs: list[PlannedJob]) -> str:
     if away:
         text += f", {away} live elsewhere (not launched)"
     if heads:
-        followers = sum(j.after is not None for j in run)
+        followers = len(run) - len(heads)  # the followers and the jobs that need no base (see waves)
         text += f"; {len(heads)} base fine-tune{'s' if len(heads) > 1 else ''} first, {followers} job{'s' if followers > 1 else ''} after {'them' if len(heads) > 1 else 'it'}"
     return text
 

@@ -411,10 +411,12 @@ def test_ddp_trainer_config_shards_itself():
 def test_waves_put_only_the_bases_others_follow_first():
     """One-seed offline grid: the base alone first; QAT and vocabulary transfer (no base needed) run with
     the followers, so a parallel launcher never waits for them at a wave's end before followers start."""
-    from subgroup_robustness.launchers import SKIP, PlannedJob, waves
+    from subgroup_robustness.launchers import SKIP, PlannedJob, plan_text, waves
 
     base, qat, dq, pr40 = (PlannedJob(i, [f"setting={s}"]) for i, s in enumerate(("base", "qat", "dq", "pr40")))
     dq.after = pr40.after = base.idx
     done = PlannedJob(4, ["setting=sq"], action=SKIP, after=base.idx)
     assert [[j.idx for j in w] for w in waves([base, qat, dq, pr40, done])] == [[0], [1, 2, 3]]
+    assert plan_text([base, qat, dq, pr40, done]) == \
+        "5 jobs: 4 to run, 1 complete (skipped, not launched); 1 base fine-tune first, 3 jobs after it"
     assert [[j.idx for j in w] for w in waves([qat, PlannedJob(5, ["seed=2"])])] == [[1, 5]]  # nothing to wait for
