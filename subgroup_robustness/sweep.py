@@ -155,19 +155,28 @@ def tally(folder: Path) -> dict[str, Any]:
         meta = {}
     total = meta.get("total")
     durations = [j["seconds"] for j in jobs if j.get("state") == "done" and isinstance(j.get("seconds"), (int, float))]
-    return {"counts": counts, "jobs": jobs, "total": total, "eta_s": eta_seconds(counts, total, durations),
-            "started": meta.get("started")}
+    try:
+        elapsed = time.time() - time.mktime(time.strptime(str(meta.get("started")), "%Y-%m-%dT%H:%M:%S"))
+    except (TypeError, ValueError, OverflowError):
+        elapsed = None
+    return {"counts": counts, "jobs": jobs, "total": total,
+            "eta_s": eta_seconds(counts, total, durations, elapsed=elapsed), "started": meta.get("started")}
 
 
 def eta_seconds(counts: dict[str, int], total: int | None, durations: list[float],
-                parallel: int | None = None) -> float | None:
-    """Time left: the mean duration of the jobs done so far, times the jobs not finished, over the jobs
-    running at once (at least one). None before any job is done."""
+                parallel: int | None = None, elapsed: float | None = None) -> float | None:
+    """Time left. With ``elapsed`` (wall seconds since the launch began): that time per job run so far
+    (done or failed), times the jobs not finished, whatever ran side by side. Otherwise the mean duration
+    of the jobs done, times the jobs left, over the jobs running at once (at least one): between two jobs of
+    a two-worker grid that count drops to 1 and the estimate doubles. None before any job is done."""
     if not total or not durations:
         return None
     left = total - sum(counts.get(s, 0) for s in FINAL)
     if left <= 0:
         return 0.0
+    ran = counts.get("done", 0) + counts.get("failed", 0)
+    if elapsed is not None and elapsed > 0 and ran:
+        return elapsed / ran * left
     mean = sum(durations) / len(durations)
     return mean * left / max(1, parallel if parallel is not None else counts.get("running", 0))
 

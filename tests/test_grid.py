@@ -319,7 +319,8 @@ def test_progress_counts_eta_and_summary(tmp_path):
     from subgroup_robustness.utils.io import atomic_write_json
 
     folder = tmp_path / ".progress" / "launch1"
-    atomic_write_json(folder / "total.json", {"total": 6, "started": "2026-01-01T00:00:00"})
+    started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 300))  # 5 minutes ago
+    atomic_write_json(folder / "total.json", {"total": 6, "started": started})
     record_state(folder, 0, "a", "/x/a", "done", seconds=100.0)
     record_state(folder, 1, "b", "/x/b", "done", seconds=200.0)
     record_state(folder, 2, "c", "/x/c", "skipped")
@@ -327,11 +328,13 @@ def test_progress_counts_eta_and_summary(tmp_path):
     record_state(folder, 4, "e", "/x/e", "running")
     t = tally(folder)
     assert t["counts"] == {"done": 2, "skipped": 1, "failed": 1, "elsewhere": 0, "running": 1}
-    assert t["eta_s"] == pytest.approx(150.0 * 2 / 1)  # mean 150 s x 2 jobs left, one running at a time
+    assert t["eta_s"] == pytest.approx(300 / 3 * 2, abs=10)  # 300 s for 3 jobs run (2 done, 1 failed) x 2 left
     assert eta_seconds({"done": 1}, 3, [60.0], parallel=2) == pytest.approx(60.0)
+    # without the launch's start: mean 150 s x 2 jobs left, one running at a time
+    assert eta_seconds(t["counts"], 6, [100.0, 200.0]) == pytest.approx(150.0 * 2 / 1)
     assert fmt_eta(None) == "ETA ?" and fmt_eta(30) == "ETA ~30 s" and fmt_eta(600) == "ETA ~10 min"
     text = counts_text(t["counts"], 6, t["eta_s"], pending=1)
-    assert text == "4/6 finished · done 2 · skipped 1 · failed 1 · running 1 · pending 1 · ETA ~5 min"
+    assert text == "4/6 finished · done 2 · skipped 1 · failed 1 · running 1 · pending 1 · ETA ~3 min"
     s = write_summary(tmp_path, folder)
     assert json.loads((tmp_path / "sweep_summary.json").read_text()) == s
     assert s["state"] == "finished" and s["failed_jobs"] == [
