@@ -61,12 +61,14 @@ def torchao_int8(model):
     return m
 
 
-def static_int8(model, batches):
-    """The framework's ``sq``: activation ranges calibrated (histogram observer) on training batches."""
-    from subgroup_robustness.compression.quantization import calibrate, static_int8 as quantize
+def static_int8(model, data, batches: int):
+    """The framework's ``sq`` plug-in on a copy of ``model``, calibrated on the first ``batches`` training
+    batches; returns the model and the number of calibration examples."""
+    from subgroup_robustness.compression.context import SimpleContext
+    from subgroup_robustness.compression.quantization import StaticInt8
 
-    qparams, _ = calibrate(copy.deepcopy(model), batches)
-    return quantize(copy.deepcopy(model), qparams)
+    sq, ctx = StaticInt8(calibration_batches=batches), SimpleContext(model=copy.deepcopy(model), data=data)
+    return sq.apply(ctx).model, sq.report(ctx)["calibration_examples"]
 
 
 def finetune_briefly(ctx, steps: int):
@@ -95,13 +97,11 @@ def run(quick: bool = False, weights: str | None = None, compile: str | None = N
     test = list(ctx.data.test_dataloader())
     if quick:
         test = test[:3]
-    timing = test
     repeats = 1 if quick else 3
     labels = torch.cat([b["labels"] for b in test])
-    calibration = [b for _, b in zip(range(2 if quick else 16), ctx.data.train_dataloader())]
 
     dq = dynamic_int8(model)
-    sq = static_int8(model, calibration)
+    sq, calibration_examples = static_int8(model, ctx.data, 2 if quick else 16)
     variants = {
         "fp32": (model, False),
         "bf16 autocast": (model, True),
@@ -116,14 +116,14 @@ def run(quick: bool = False, weights: str | None = None, compile: str | None = N
             for name, (m, bf16) in (("sq + torch.compile", (sq, False)),):
                 compiled = torch.compile(m, dynamic=True)
                 t = time.perf_counter()
-                predict(compiled, timing[:1], bf16)
+                predict(compiled, test[:1], bf16)
                 compile_s[name] = time.perf_counter() - t
                 variants[name] = (compiled, bf16)
     rows = []
     ref = predict(model, test)
     for name, (m, bf16) in variants.items():
         preds = predict(m, test, bf16)
-        rate = timed(lambda bs, m=m, bf16=bf16: predict(m, bs, bf16), timing, repeats)
+        rate = timed(lambda bs, m=m, bf16=bf16: predict(m, bs, bf16), test, repeats)
         rows.append({"variant": name, "examples/s": rate, "agreement with fp32": float((preds == ref).float().mean()),
                      "test accuracy": float((preds == labels).float().mean()),
                      "first-call compile s": compile_s.get(name, float("nan"))})
@@ -145,9 +145,9 @@ def run(quick: bool = False, weights: str | None = None, compile: str | None = N
         n = sum(len(b["labels"]) for b in test)
         rows.append({"variant": f"framework trainer.test ({precision}{name}), incl. set-up", "examples/s": n / secs,
                      "vs fp32": n / secs / base})
-    notes.append(f"timed on the whole test split ({sum(len(b['labels']) for b in timing)} examples, batch 64, sorted "
-                 f"by length), median of {repeats} passes after the pass that made the predictions; agreement and accuracy over the same "
-                 f"examples; sq calibrated on {sum(len(b['labels']) for b in calibration)} training examples")
+    notes.append(f"timed on the whole test split ({len(labels)} examples, batch 64, sorted by length), median of "
+                 f"{repeats} passes after the pass that made the predictions; agreement and accuracy over the same "
+                 f"examples; sq calibrated on {calibration_examples} training examples")
     if compile_s:
         notes.append("compile rows: cold inductor cache; the first call's compile time is reported separately "
                      "and is not in examples/s (with dynamic shapes one graph serves every length); the framework "
