@@ -220,9 +220,14 @@ def test_a_job_past_its_time_limit_is_requeued_once_then_recorded(tiny_model_dir
     assert rec["status"] == "failed" and rec["error"]["type"] == "SLURM TIMEOUT", rec.get("error")
     assert "time limit reached (1 min" in rec["error"]["message"]
     assert rec["slurm"]["restarts"] == 1, rec["slurm"]  # requeued once, not more
-    attempts = [ln for p in (sweep / ".submitit").rglob("*_log.*") for ln in p.read_text().splitlines()
-                if "Requeued job" in ln and ln.startswith("submitit")]
-    assert len(attempts) == 1, attempts
+    # submitit logs "Starting with JobEnvironment" when each attempt starts, into the one log file that SLURM
+    # appends to (same job id). Its "Requeued job" line is not counted: submitit writes it after
+    # `scontrol requeue` returns, and SLURM's kill often wins that race (CI, stop 20: the line was missing).
+    lines = [ln for p in (sweep / ".submitit").rglob("*_log.*") for ln in p.read_text().splitlines()
+             if ln.startswith("submitit")]
+    starts = [ln for ln in lines if "Starting with" in ln]
+    assert len(starts) == 2, lines  # the first attempt and one requeued attempt, no third
+    assert sum("Requeued job" in ln for ln in lines) <= 1, lines
     s = summary(sweep)
     assert (s["state"], s["failed"]) == ("finished", 1) and "SLURM TIMEOUT" in s["failed_jobs"][0]["error"]
     assert "SLURM TIMEOUT" in out
