@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 
 from subgroup_robustness.compression.context import Compressed, SimpleContext
 from subgroup_robustness.compression.vocabulary import (
-    VocabularyTransfer, build_tokenizer, fvt_rows, fvt_sources, masked_lm_for, target_vocab_size,
-    train_in_domain_tokenizer, transfer_embeddings, wordpiece_split)
+    VocabularyTransfer, build_tokenizer, fvt_rows, fvt_sources, masked_lm_for, masked_lm_loss, mlm_loader,
+    target_vocab_size, train_in_domain_tokenizer, transfer_embeddings, wordpiece_split)
 from subgroup_robustness.utils.errors import ConfigError
 from tests.helpers import WORDS, compose, run_in_process, tiny_overrides
 
@@ -291,3 +291,40 @@ def test_mlm_masks_are_seeded_alike_in_a_grid_worker_process(tiny_model_dir, mon
     assert len(here) == len(there) == 4
     assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(here, there))
     assert any((b != -100).any() for _, b in there)  # something was masked
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_masked_lm_loss_scoring_only_masked_positions_equals_transformers(tiny_model_dir, arch, bf16):
+    """The MLM loss from the masked positions' logits is transformers' loss, with the same gradients, for the
+    position-wise heads (BERT's cls, RoBERTa's lm_head) and through transformers' own forward otherwise."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    _, tok = load(tiny_model_dir)
+    kw = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+              intermediate_size=64, max_position_embeddings=80)
+    if arch == "distilbert":
+        kw = dict(vocab_size=len(tok), dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=80)
+    torch.manual_seed(0)
+    mlm = AutoModelForMaskedLM.from_config(AutoConfig.for_model(arch, **kw)).train()
+    batch = next(iter(mlm_loader(tok, corpus(32), batch_size=16, max_length=32, probability=0.15, seed=1,
+                                 shuffle=True)))
+    if arch != "bert":
+        batch.pop("token_type_ids", None)
+    assert 0 < int((batch["labels"] != -100).sum()) < batch["labels"].numel() // 3  # a few positions masked
+
+    def loss_and_grads(fn):
+        mlm.zero_grad(set_to_none=True)
+        torch.manual_seed(5)  # the same dropout masks: the model trains (dropout on), as in the adaptation
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in mlm.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = loss_and_grads(lambda: mlm(**batch).loss)
+    loss, grads = loss_and_grads(lambda: masked_lm_loss(mlm, batch))
+    tol = dict(rtol=2e-2, atol=2e-3) if bf16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    assert ref_grads.keys() == grads.keys() and len(grads) > 10
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], **tol, msg=lambda m: f"{name}: {m}")
