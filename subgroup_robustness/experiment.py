@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -35,7 +36,8 @@ from subgroup_robustness.data.datamodule import GroupDataModule
 from subgroup_robustness.data.groups import PRIMARY, is_multilabel
 from subgroup_robustness.evaluation import (extra_test_set_lines, extra_test_sets, print_multilabel_table,
                                              worst_group_line)
-from subgroup_robustness.metrics.callbacks import BestWeights, EpochCheckpoint, GroupMetrics
+from subgroup_robustness.metrics.callbacks import (BestWeights, EpochCheckpoint, GroupMetrics, sorted_predictions,
+                                                   sorted_probabilities)
 from subgroup_robustness.metrics.comparison import prediction_metrics
 from subgroup_robustness.metrics.degenerate import degeneracy
 from subgroup_robustness.metrics.probe import dfr_probe, encoder_features
@@ -97,6 +99,8 @@ class RunContext:
     loggers: list = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
     phases: list[dict[str, Any]] = field(default_factory=list)
+    # the last fit's module, its precision and device, and the selected epoch's scores (GroupMetrics.scored)
+    fitted: dict[str, Any] | None = None
 
     # ---- the CompressionContext surface ------------------------------------------------------------
     @property
@@ -217,6 +221,9 @@ class RunContext:
         trainer.fit(module, datamodule=self.data, ckpt_path=resume, weights_only=True if resume else None)
         best = next((c for c in trainer.callbacks if isinstance(c, BestWeights)), None)
         gm = next((c for c in trainer.callbacks if isinstance(c, GroupMetrics)), None)
+        scored = gm.scored.get(best.best_step) if gm is not None and best is not None and best.restored else None
+        self.fitted = {"module": module, "model": module.model, "precision": str(trainer.precision),
+                       "device": str(trainer.strategy.root_device), "scored": scored}
         info = {"phase": phase, "epochs": trainer.current_epoch, "steps": trainer.global_step,
                 "resumed_from": str(resume) if resume else None,
                 "monitor": getattr(best, "monitor", None), "history": list(getattr(gm, "history", [])),
@@ -230,6 +237,9 @@ class RunContext:
     def evaluate(self, module: SequenceClassifier, phase: str, on_cpu: bool = False) -> dict[str, Any]:
         t0 = time.perf_counter()
         trainer = self.trainer(training=False, on_cpu=on_cpu)
+        reused = self._fit_scores(module, trainer, phase)
+        if reused is not None:
+            return reused
         trainer.validate(module, datamodule=self.data, verbose=False)
         t1 = time.perf_counter()
         trainer.test(module, datamodule=self.data, verbose=False)
@@ -242,10 +252,45 @@ class RunContext:
                 metrics[split].update(flatten_metrics(split, None if name == PRIMARY else name, res))
         n_test = gm.results["test"][PRIMARY]["n"]
         self.timing[phase] = t2 - t0
-        return {"metrics": metrics, "groups": gm.results, "predictions": gm.test_predictions(),
+        return {"eval_source": "validate and test passes",
+                "metrics": metrics, "groups": gm.results, "predictions": gm.test_predictions(),
                 "probabilities": gm.test_probabilities(),
                 "latency_ms_per_example": 1000 * (t2 - t1) / max(1, n_test),
                 "eval_device": str(trainer.strategy.root_device)}
+
+    def _fit_scores(self, module: SequenceClassifier, trainer: L.Trainer, phase: str) -> dict[str, Any] | None:
+        """The evaluation of ``module`` from its last fit, when that fit scored exactly these weights: the
+        module just fitted with its model unchanged since, the selected epoch's weights restored, its test split
+        scored then (``history_test``) with predictions, and the same precision and device as this evaluation.
+        The metrics are logged as the validate/test passes would; results.json model.eval_source says which."""
+        fitted, self.fitted = self.fitted, None
+        if not (self.cfg.get("measure") or {}).get("reuse_fit_scores", True) or fitted is None:
+            return None
+        scored = fitted["scored"]
+        if (scored is None or scored["predictions"] is None or fitted["module"] is not module
+                or fitted["model"] is not module.model or module.model is not self.model
+                or fitted["precision"] != str(trainer.precision)
+                or fitted["device"] != str(trainer.strategy.root_device)):
+            return None
+        metrics: dict[str, dict[str, float]] = {}
+        groups = {"val": scored["val"], "test": scored["test"]}
+        for split in ("val", "test"):
+            metrics[split] = {}
+            for name, res in groups[split].items():
+                metrics[split].update(flatten_metrics(split, None if name == PRIMARY else name, res))
+        # what trainer.validate/test would have logged: float32 values (Lightning's self.log) at their step, 0
+        logged = {k: float(torch.tensor(v, dtype=torch.float32)) for m in metrics.values() for k, v in m.items()
+                  if isinstance(v, (int, float)) and not math.isnan(v)}
+        for lg in self.loggers:
+            lg.log_metrics(logged, step=0)
+        predictions = sorted_predictions(scored["predictions"])
+        n_test = groups["test"][PRIMARY]["n"]
+        self.timing[phase] = 0.0
+        return {"eval_source": f"the fit's scoring of the selected epoch {scored['epoch']} (measure.reuse_fit_scores)",
+                "metrics": metrics, "groups": groups, "predictions": predictions,
+                "probabilities": sorted_probabilities(scored["predictions"], scored["probabilities"]),
+                "latency_ms_per_example": 1000 * scored["test_seconds"] / max(1, n_test),
+                "eval_device": fitted["device"]}
 
     def prediction_bytes(self, evals: dict[str, Any]) -> bytes:
         """predictions.npz of an evaluation: every test example's label, prediction, class probabilities and
@@ -350,7 +395,7 @@ def record(rec: dict[str, Any], ctx: RunContext, stages: list[Compressor], evals
     rec["metrics"] = evals["metrics"]
     rec["groups"] = evals["groups"]
     rec["model"] = {**model_figures(ctx.model), "latency_ms_per_example": evals["latency_ms_per_example"],
-                    "eval_device": evals["eval_device"]}
+                    "eval_device": evals["eval_device"], "eval_source": evals.get("eval_source")}
     rec["base"] = {"figures": (ctx.base or {}).get("figures", base_figures)}
     if ctx.base:
         rec["base"].update({k: ctx.base.get(k) for k in ("metrics", "groups", "key", "reused", "cache_dir",

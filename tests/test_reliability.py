@@ -6,6 +6,7 @@ interval that covers 0; bad arguments fail before any training."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -185,3 +186,40 @@ def test_a_killed_fine_tuning_resumes_from_its_last_finished_epoch(env, sr_env, 
     assert [h["epoch"] for h in phase["history"]] == [0, 1, 2]  # the epochs before the kill are kept
     assert phase["best_epoch"] is not None and 0 <= phase["best_epoch"] <= 2
     assert not (sr_env / "resume" / "checkpoints").exists()  # removed once the job completed
+
+
+def test_the_selected_epochs_scores_from_the_fit_are_the_evaluation_of_the_chosen_weights(env, sr_env):
+    """measure.reuse_fit_scores (default): the chosen weights are not scored again after the fit; their
+    validation and test results, predictions and probabilities are the ones scored during the fit at the
+    selected epoch, identical to a second pass (measure.reuse_fit_scores=false), and logged alike."""
+    runs = {}
+    for reuse in (True, False):
+        out = f"reuse_{reuse}"
+        rec = run_in_process(env(out, "trainer.max_epochs=3", "callbacks.early_stopping=null", "cache_base=false",
+                                 "logger=csv", f"measure.reuse_fit_scores={str(reuse).lower()}"))
+        assert rec["status"] == "completed"
+        with np.load(sr_env / out / "predictions.npz") as z:
+            preds = {k: z[k] for k in z.files}
+        rows = list(csv.DictReader((sr_env / out / "csv" / "metrics.csv").open()))
+        runs[reuse] = rec, preds, rows
+    (reused, p1, rows1), (again, p2, rows2) = runs[True], runs[False]
+    phase = reused["phases"][0]
+    assert len(phase["history"]) == 3 and phase["best_epoch"] is not None
+    assert reused["model"]["eval_source"].endswith(f"selected epoch {phase['best_epoch']} (measure.reuse_fit_scores)")
+    assert again["model"]["eval_source"] == "validate and test passes"
+    assert reused["timing"]["eval"] == 0.0 and again["timing"]["eval"] > 0.0
+    assert reused["metrics"] == again["metrics"] and reused["groups"] == again["groups"]
+    assert p1.keys() == p2.keys() and {"probs", "pred", "label"} <= p1.keys()
+    for k in p1:
+        np.testing.assert_array_equal(p1[k], p2[k], err_msg=k)
+    # the selected epoch's test scores in the history are the ones reported
+    best = next(h for h in phase["history"] if h["epoch"] == phase["best_epoch"])
+    assert best["test"]["test/acc_avg"] == reused["metrics"]["test"]["test/acc_avg"]
+
+    def final(rows):  # the last logged value of every val/ and test/ metric
+        out = {}
+        for r in rows:
+            out.update({k: v for k, v in r.items() if v and k.startswith(("val/", "test/"))})
+        return out
+
+    assert final(rows1) == final(rows2) and "test/acc_wg" in final(rows1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,10 @@ class GroupMetrics(L.Callback):
         # so another validation-based selection rule can be applied after the fact without re-running
         self.history_test = bool(history_test)
         self.history: list[dict[str, Any]] = []
+        # per validation during fit (by global step), in memory only: the full val and test results, the test
+        # predictions and the seconds the test pass took, so the run can take the selected epoch's evaluation
+        # instead of scoring the same weights again (RunContext.evaluate)
+        self.scored: dict[int, dict[str, Any]] = {}
         self.groupings: dict[str, Grouping] = {}
         self.metrics: dict[str, nn.ModuleDict] = {}
         self.results: dict[str, dict[str, Any]] = {}
@@ -60,14 +65,20 @@ class GroupMetrics(L.Callback):
         self.probabilities[split] = []
 
     def _update(self, split: str, outputs: Any, batch: dict[str, torch.Tensor]) -> None:
+        keep = self.save_predictions and split == "test"
+        self._collect(self.metrics[split], outputs, batch, *((self.predictions[split], self.probabilities[split])
+                                                             if keep else (None, None)))
+
+    def _collect(self, metrics: nn.ModuleDict, outputs: Any, batch: dict[str, torch.Tensor],
+                 predictions: list | None, probabilities: list | None) -> None:
         preds = outputs["preds"]
         meta, target = batch["metadata"], batch["labels"]
-        for name, metric in self.metrics[split].items():
+        for name, metric in metrics.items():
             metric.update(preds, target, self.groupings[name].masks(meta))
-        if self.save_predictions and split == "test":
-            self.predictions[split].append(torch.stack([batch["index"], target, preds], 1).detach().cpu())
+        if predictions is not None:
+            predictions.append(torch.stack([batch["index"], target, preds], 1).detach().cpu())
             if outputs.get("probs") is not None:
-                self.probabilities[split].append(outputs["probs"].detach().to("cpu", torch.float16))
+                probabilities.append(outputs["probs"].detach().to("cpu", torch.float16))
 
     def _end(self, split: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         flat: dict[str, float] = {}
@@ -94,7 +105,15 @@ class GroupMetrics(L.Callback):
         entry: dict[str, Any] = {"epoch": int(trainer.current_epoch), "step": int(trainer.global_step),
                                  "val": self._flat("val")}
         if self.history_test and trainer.datamodule is not None:
-            entry["test"] = self._flat_of(self._score(trainer, pl_module, trainer.datamodule.test_dataloader()), "test")
+            predictions: list[torch.Tensor] = []
+            probabilities: list[torch.Tensor] = []
+            t0 = time.perf_counter()
+            test = self._score(trainer, pl_module, trainer.datamodule.test_dataloader(), predictions, probabilities)
+            entry["test"] = self._flat_of(test, "test")
+            self.scored[int(trainer.global_step)] = {
+                "epoch": int(trainer.current_epoch), "val": self.results["val"], "test": test,
+                "predictions": predictions if self.save_predictions else None, "probabilities": probabilities,
+                "test_seconds": time.perf_counter() - t0}
         self.history.append(entry)
 
     def state_dict(self) -> dict[str, Any]:
@@ -115,9 +134,11 @@ class GroupMetrics(L.Callback):
         return {k: v for k, v in flat.items() if "/count/" not in k}
 
     @torch.no_grad()
-    def _score(self, trainer: L.Trainer, pl_module: L.LightningModule, loader) -> dict[str, Any]:
+    def _score(self, trainer: L.Trainer, pl_module: L.LightningModule, loader, predictions: list | None = None,
+               probabilities: list | None = None) -> dict[str, Any]:
         """Group accuracy of the current weights on ``loader`` (the test split during fit), outside
-        Lightning's loops so that nothing is logged and no test hooks fire."""
+        Lightning's loops so that nothing is logged and no test hooks fire; with ``predictions`` (a list),
+        the batches' (index, label, prediction) rows and class probabilities are appended as in a test."""
         metrics = self._metrics().to(pl_module.device)
         was_training = pl_module.training
         pl_module.eval()
@@ -127,9 +148,7 @@ class GroupMetrics(L.Callback):
             with torch.random.fork_rng(devices=[]), trainer.precision_plugin.forward_context():
                 for batch in loader:
                     batch = trainer.strategy.batch_to_device(batch, pl_module.device)
-                    preds = pl_module._eval_step(batch)["preds"]
-                    for name, metric in metrics.items():
-                        metric.update(preds, batch["labels"], self.groupings[name].masks(batch["metadata"]))
+                    self._collect(metrics, pl_module._eval_step(batch), batch, predictions, probabilities)
         finally:
             pl_module.train(was_training)
         return {name: metric.compute() for name, metric in metrics.items()}
@@ -145,18 +164,24 @@ class GroupMetrics(L.Callback):
 
     def test_predictions(self) -> torch.Tensor | None:
         """(N, 3) long tensor of (example index, label, prediction), sorted by index."""
-        rows = self.predictions.get("test")
-        if not rows:
-            return None
-        t = torch.cat(rows)
-        return t[t[:, 0].argsort()]
+        return sorted_predictions(self.predictions.get("test"))
 
     def test_probabilities(self) -> torch.Tensor | None:
         """(N, C) float16 class probabilities in the order of ``test_predictions``."""
-        rows, probs = self.predictions.get("test"), self.probabilities.get("test")
-        if not rows or not probs or sum(len(p) for p in probs) != sum(len(r) for r in rows):
-            return None
-        return torch.cat(probs)[torch.cat(rows)[:, 0].argsort()]
+        return sorted_probabilities(self.predictions.get("test"), self.probabilities.get("test"))
+
+
+def sorted_predictions(rows: list[torch.Tensor] | None) -> torch.Tensor | None:
+    if not rows:
+        return None
+    t = torch.cat(rows)
+    return t[t[:, 0].argsort()]
+
+
+def sorted_probabilities(rows: list[torch.Tensor] | None, probs: list[torch.Tensor] | None) -> torch.Tensor | None:
+    if not rows or not probs or sum(len(p) for p in probs) != sum(len(r) for r in rows):
+        return None
+    return torch.cat(probs)[torch.cat(rows)[:, 0].argsort()]
 
 
 class BestWeights(L.Callback):
@@ -169,6 +194,7 @@ class BestWeights(L.Callback):
         self.monitor, self.mode = monitor, mode
         self.best: float | None = None
         self.best_epoch: int | None = None
+        self.best_step: int | None = None
         self._state: dict[str, torch.Tensor] | None = None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -183,7 +209,7 @@ class BestWeights(L.Callback):
         v = float(value)
         better = self.best is None or (v > self.best if self.mode == "max" else v < self.best)
         if better and not math.isnan(v):
-            self.best, self.best_epoch = v, trainer.current_epoch
+            self.best, self.best_epoch, self.best_step = v, trainer.current_epoch, int(trainer.global_step)
             self._state = {k: t.detach().to("cpu", copy=True) for k, t in pl_module.state_dict().items()}
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -193,10 +219,16 @@ class BestWeights(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         """The best epoch so far (value, epoch, weights) travels in the epoch checkpoint: a resumed fit
         selects among all its epochs, not only the ones after the resume."""
-        return {"best": self.best, "best_epoch": self.best_epoch, "weights": self._state}
+        return {"best": self.best, "best_epoch": self.best_epoch, "best_step": self.best_step, "weights": self._state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.best_epoch, self._state = state.get("best"), state.get("best_epoch"), state.get("weights")
+        self.best_step = state.get("best_step")
+
+    @property
+    def restored(self) -> bool:
+        """Whether fitting ended with the selected epoch's weights put back."""
+        return self._state is not None
 
 
 class EpochCheckpoint(L.Callback):
