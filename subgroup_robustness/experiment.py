@@ -221,7 +221,9 @@ class RunContext:
         trainer.fit(module, datamodule=self.data, ckpt_path=resume, weights_only=True if resume else None)
         best = next((c for c in trainer.callbacks if isinstance(c, BestWeights)), None)
         gm = next((c for c in trainer.callbacks if isinstance(c, GroupMetrics)), None)
-        scored = gm.scored.get(best.best_step) if gm is not None and best is not None and best.restored else None
+        # one process only: GroupMetrics scores the whole test split on every rank, where the test loop shards it
+        scored = (gm.scored.get(best.best_step) if gm is not None and best is not None and best.restored
+                  and trainer.world_size == 1 else None)
         self.fitted = {"module": module, "model": module.model, "precision": str(trainer.precision),
                        "device": str(trainer.strategy.root_device), "scored": scored}
         info = {"phase": phase, "epochs": trainer.current_epoch, "steps": trainer.global_step,
