@@ -323,7 +323,8 @@ def test_masked_lm_loss_scoring_only_masked_positions_equals_transformers(tiny_m
 
     ref_loss, ref_grads = loss_and_grads(lambda: mlm(**batch).loss)
     loss, grads = loss_and_grads(lambda: masked_lm_loss(mlm, batch))
-    tol = dict(rtol=2e-2, atol=2e-3) if bf16 else dict(rtol=1e-5, atol=1e-6)
+    # bf16: about one bf16 rounding step (kernels differ with the number of rows); a 1 % error in the head input fails
+    tol = dict(rtol=5e-3, atol=5e-4) if bf16 else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss, ref_loss, **tol)
     assert ref_grads.keys() == grads.keys() and len(grads) > 10
     for name, g in grads.items():
