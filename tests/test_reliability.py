@@ -223,3 +223,11 @@ def test_the_selected_epochs_scores_from_the_fit_are_the_evaluation_of_the_chose
         return out
 
     assert final(rows1) == final(rows2) and "test/acc_wg" in final(rows1)
+
+
+def test_without_the_fits_test_scoring_the_chosen_weights_are_evaluated_after_the_fit(env):
+    """history_test=false: the fit never scored the test split, so the evaluation is a validate and test pass."""
+    rec = run_in_process(env("no_history_test", "trainer.max_epochs=2", "cache_base=false",
+                             "callbacks.group_metrics.history_test=false"))
+    assert rec["status"] == "completed" and rec["model"]["eval_source"] == "validate and test passes"
+    assert rec["timing"]["eval"] > 0.0 and all("test" not in h for h in rec["phases"][0]["history"])
