@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from common import StepClock, compose, cycle, framework, main, plain_train, sync
+from common import NO_BF16, StepClock, compose, cycle, framework, main, native_bf16, plain_train, sync
 
 
 def predict(model, batches, bf16: bool = False) -> torch.Tensor:
@@ -104,7 +104,7 @@ def run(quick: bool = False, weights: str | None = None, compile: str | None = N
     sq, calibration_examples = static_int8(model, ctx.data, 2 if quick else 16)
     variants = {
         "fp32": (model, False),
-        "bf16 autocast": (model, True),
+        **({"bf16 autocast": (model, True)} if native_bf16() else {}),
         "dq: torch.ao dynamic int8": (dq, False),
         "sq: static int8 (torchao, calibrated), eager": (sq, False),
         "torchao int8 dyn. act. + weight, eager": (torchao_int8(model), False),
@@ -135,8 +135,8 @@ def run(quick: bool = False, weights: str | None = None, compile: str | None = N
     # the framework's own evaluation: Lightning test loop (inference_mode, GroupMetrics callback)
     from hydra.utils import instantiate
 
-    for name, m, precision in (("", model, "32-true"), ("", model, str(cfg.trainer.precision)),
-                               (", dq model", dq, "32-true")):
+    runs = [("", model, "32-true"), ("", model, str(cfg.trainer.precision)), (", dq model", dq, "32-true")]
+    for name, m, precision in dict.fromkeys(runs):  # the auto precision may be 32-true: time that once
         module = instantiate(cfg.module)(model=m, objective=instantiate(cfg.objective))
         trainer = ctx.trainer(training=False, precision=precision, limit_test_batches=len(test))
         t = time.perf_counter()
@@ -148,6 +148,8 @@ def run(quick: bool = False, weights: str | None = None, compile: str | None = N
     notes.append(f"timed on the whole test split ({len(labels)} examples, batch 64, sorted by length), median of "
                  f"{repeats} passes after the pass that made the predictions; agreement and accuracy over the same "
                  f"examples; sq calibrated on {calibration_examples} training examples")
+    if not native_bf16():
+        notes.append(f"no bf16 autocast row: {NO_BF16}")
     if compile_s:
         notes.append("compile rows: cold inductor cache; the first call's compile time is reported separately "
                      "and is not in examples/s (with dynamic shapes one graph serves every length); the framework "

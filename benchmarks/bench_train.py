@@ -11,6 +11,8 @@ lr 2e-5) in one process, interleaved in rounds so that load from other processes
   fp32), as the paper's code ran it; the Trainer with bf16 and length grouping; and the tuned Trainer (bf16,
   length grouping, its fused AdamW ``optim=adamw_torch_fused`` and ``torch_compile=True``), the peer a careful
   user has. Compiled contenders are timed after their warm-up steps (the compile is reported by bench_compile).
+  The Trainer's bf16 is on only where the CPU runs bf16 natively, the same rule as the framework's
+  ``trainer.precision=auto`` (common.native_bf16); elsewhere every contender trains in fp32.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import tempfile
 
 import torch
 
-from common import (StepClock, compose, framework, lightning_clock, main, median, plain_train, spread,
-                    throughput)
+from common import (NO_BF16, StepClock, compose, framework, lightning_clock, main, median, native_bf16,
+                    plain_train, spread, throughput)
 from subgroup_robustness.utils.perf import keep_freed_memory
 
 
@@ -59,9 +61,15 @@ class TokenizedItems:
         return {"input_ids": item["input_ids"].tolist(), "labels": int(item["metadata"][0])}
 
 
+# the HF Trainer's tuned contenders use bf16 exactly where the framework's auto precision does: on a CPU
+# without native bf16 a careful user keeps fp32 (emulated bf16 would make the tuned peer ~50x slower)
+BF16 = native_bf16()
+TUNED_PRECISION = "bf16" if BF16 else "fp32"
+
+
 def run_hf(ctx, base, clock: StepClock, tuned: bool = False, best: bool = False) -> None:
-    """``tuned``: bf16 + length grouping; ``best``: also the Trainer's fused AdamW and its ``torch_compile``
-    (the best a careful user gets from the HF Trainer on this machine)."""
+    """``tuned``: bf16 (where native) + length grouping; ``best``: also the Trainer's fused AdamW and its
+    ``torch_compile`` (the best a careful user gets from the HF Trainer on this machine)."""
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
     cfg = ctx.cfg
@@ -83,7 +91,7 @@ def run_hf(ctx, base, clock: StepClock, tuned: bool = False, best: bool = False)
             weight_decay=float(cfg.module.weight_decay), max_steps=clock.steps, lr_scheduler_type="linear",
             max_grad_norm=float(cfg.trainer.gradient_clip_val or 0.0), logging_strategy="no", save_strategy="no",
             report_to="none", use_cpu=not _cuda(), disable_tqdm=True, seed=int(ctx.data.seed), dataloader_num_workers=0,
-            bf16=tuned or best, **(_length_grouping(TrainingArguments) if tuned or best else {}),
+            bf16=(tuned or best) and BF16, **(_length_grouping(TrainingArguments) if tuned or best else {}),
             **({"optim": "adamw_torch_fused", "torch_compile": True} if best else {}),
         )
         trainer = Trainer(model=copy.deepcopy(base), args=args, train_dataset=TokenizedItems(ctx.data.splits["train"]),
@@ -119,7 +127,7 @@ CONTENDERS = {
     "framework (Lightning)": _allocator(True, lambda ctx, base, clock: run_framework(ctx, base, clock)),
     "plain loop, same batches": _allocator(True, run_plain),
     "HF Trainer (defaults)": _allocator(False, lambda ctx, base, clock: run_hf(ctx, base, clock)),
-    "HF Trainer + bf16 + group_by_length + allocator setting": _allocator(
+    f"HF Trainer + {TUNED_PRECISION} + group_by_length + allocator setting": _allocator(
         True, lambda ctx, base, clock: run_hf(ctx, base, clock, tuned=True)),
     "HF Trainer tuned: + fused AdamW + torch_compile": _allocator(
         True, lambda ctx, base, clock: run_hf(ctx, base, clock, best=True)),
@@ -175,7 +183,7 @@ def run(quick: bool = False, rounds: str | None = None, overrides: str = "", onl
         return median([x / y for x, y in zip(rates[a], rates[b])])
 
     speedup, rel_plain = ratio(keys[0], keys[2]), ratio(keys[0], keys[1])
-    vs_tuned = ratio(keys[0], keys[4])  # the tuned HF Trainer (bf16, length grouping, fused AdamW, torch_compile)
+    vs_tuned = ratio(keys[0], keys[4])  # the tuned HF Trainer (bf16 where native, length grouping, fused AdamW, compile)
     # the framework and the plain loop run the same batches in the same order: step k of one against step
     # k of the other, over all rounds. Another process stealing the CPU lengthens single steps, so the
     # median of these paired ratios is far steadier than a ratio of window totals.
@@ -193,7 +201,7 @@ def run(quick: bool = False, rounds: str | None = None, overrides: str = "", onl
     summary = {"framework_ex_s": fw, "plain_ex_s": plain, "hf_ex_s": hf, "speedup_vs_hf": speedup,
                "tuned_hf_ex_s": median(rates.get(keys[4], [])), "speedup_vs_tuned_hf": vs_tuned,
                "overhead_vs_plain": 1 - rel_plain, "step_overhead": step_overhead, "extra_ms_per_step": extra_ms,
-               "precision": str(cfg.trainer.precision),
+               "precision": str(cfg.trainer.precision), "tuned_hf_precision": TUNED_PRECISION,
                "threads": torch.get_num_threads(), "rates": rates}
     notes = [
         f"framework / HF Trainer = **{speedup:.2f}x**; framework / tuned HF Trainer = **{vs_tuned:.2f}x**; "
@@ -203,6 +211,7 @@ def run(quick: bool = False, rounds: str | None = None, overrides: str = "", onl
         f"step by step on the same batches (median of {len(paired)} paired step times): the framework's step takes "
         f"**{100 * step_overhead:+.1f} %** ({extra_ms:+.1f} ms) against the plain loop's",
         f"torch threads: {torch.get_num_threads()}",
+        *([] if BF16 else [f"the tuned HF Trainer rows train in fp32: {NO_BF16}"]),
         f"framework precision: {cfg.trainer.precision} (auto-detected); batch {cfg.data.batch_size}, lr {cfg.module.lr}; "
         f"{rounds_n} rounds x {windows} windows x {window} steps after {warmup} warm-up steps per contender"
         f"{'' if quick else ' (and, before the first round, one untimed 4-step pass of each)'}; "

@@ -53,8 +53,8 @@ def verdicts(results: dict[str, dict]) -> list[dict]:
                      "measured": f"{tr['speedup_vs_hf']:.2f}x (medians {tr['framework_ex_s']:.0f} vs {tr['hf_ex_s']:.0f} examples/s)",
                      "met": "yes" if tr["speedup_vs_hf"] >= 3.5 else "NO"})
         if "speedup_vs_tuned_hf" in tr:
-            rows.append({"target": "framework training >= 1.5x the tuned HF Trainer (bf16, group_by_length, fused AdamW, "
-                                   "torch_compile)",
+            rows.append({"target": f"framework training >= 1.5x the tuned HF Trainer ({tr.get('tuned_hf_precision', 'bf16')}, "
+                                   "group_by_length, fused AdamW, torch_compile)",
                          "measured": f"{tr['speedup_vs_tuned_hf']:.2f}x (medians {tr['framework_ex_s']:.0f} vs "
                                      f"{tr['tuned_hf_ex_s']:.0f} examples/s)",
                          "met": "yes" if tr["speedup_vs_tuned_hf"] >= 1.5 else "NO"})
@@ -73,7 +73,10 @@ def verdicts(results: dict[str, dict]) -> list[dict]:
                                  f"{100 * tr['overhead_vs_plain']:+.1f} % ({tr['framework_ex_s']:.0f} vs {tr['plain_ex_s']:.0f} examples/s)",
                      "met": "yes" if tr["step_overhead"] < 0.05 else "NO"})
     acc = results.get("accuracy", {}).get("summary")
-    if acc:
+    if acc and "not_applicable" in acc:
+        rows.append({"target": "fast-path test accuracy within noise of fp32", "measured": acc["not_applicable"],
+                     "met": "n/a"})
+    elif acc:
         rows.append({"target": "fast-path test accuracy within noise of fp32",
                      "measured": f"{100 * acc['diff']:+.2f} points (2 SE = {200 * acc['se']:.2f}); agreement {100 * acc['agreement']:.1f} %",
                      "met": "yes" if acc["within_2se"] else "NO"})
@@ -90,7 +93,10 @@ def verdicts(results: dict[str, dict]) -> list[dict]:
                              "met": "yes" if rate / fp32 >= 2 else "NO"})
     mr = results.get("make_run", {}).get("summary")
     if mr:
-        rows.append({"target": "`make run` under 3 minutes", "measured": f"{mr['wall_s'] / 60:.1f} min, peak RSS {mr['peak_rss_mb']:.0f} MB",
+        floor = (f"; the matrix products alone need {mr['floor_s'] / 60:.1f} min at this machine's measured peak"
+                 if "floor_s" in mr else "")
+        rows.append({"target": "`make run` under 3 minutes",
+                     "measured": f"{mr['wall_s'] / 60:.1f} min, peak RSS {mr['peak_rss_mb']:.0f} MB{floor}",
                      "met": "yes" if mr["wall_s"] < 180 else "NO"})
     return rows
 
