@@ -69,6 +69,67 @@ def quantized_linears(model: nn.Module) -> dict[str, str]:
     return out
 
 
+# ---- int8 x int8 products on CPUs without int8 dot-product instructions -------------------------------------
+# |int8 x int8| <= 2**14, so every partial sum of at most 1024 such products is an integer of magnitude <= 2**24,
+# which fp32 represents exactly: an fp32 matrix product over a K-slice of <= 1024 gives the exact int32 result,
+# whatever order the BLAS adds in.
+EXACT_K = 1024
+
+
+def int8_mm_via_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch._int_mm(a, b)`` (int8 [M, K] x int8 [K, N] -> int32), bit for bit, from fp32 matrix products over
+    K-slices of at most ``EXACT_K``. On a CPU without VNNI or AMX torch runs ``_int_mm`` as a scalar loop:
+    on an AVX2-only AMD EPYC (2026-12-08) 1.7 GOP/s against 42-90 GFLOP/s for the same fp32 product, which
+    made the static int8 model evaluate at 0.04x the fp32 model's rate."""
+    out = None
+    for k0 in range(0, a.shape[-1], EXACT_K):
+        part = torch.mm(a[:, k0:k0 + EXACT_K].float(), b[k0:k0 + EXACT_K].float()).to(torch.int32)
+        out = part if out is None else out.add_(part)
+    return out
+
+
+def slow_int_mm() -> bool:
+    """Whether this CPU lacks the instructions torch's int8 products use (AVX512-VNNI or AMX): then torchao's
+    int8 Linears (sq, qat, dq with backend=torchao) multiply through ``int8_mm_via_fp32``."""
+    from torchao.utils import _cpu_is_amx_tile_supported, _cpu_is_vnni_supported
+
+    return not (_cpu_is_vnni_supported() or _cpu_is_amx_tile_supported())
+
+
+def _scaled_int8_mm(original):
+    def int_scaled_matmul(a: torch.Tensor, b: torch.Tensor, scales1: torch.Tensor) -> torch.Tensor:
+        if a.device.type != "cpu":
+            return original(a, b, scales1)
+        return int8_mm_via_fp32(a, b).to(scales1.dtype) * scales1  # torchao's CPU s8s8 path, with the exact product
+    int_scaled_matmul.sr_exact_fp32 = True
+    return int_scaled_matmul
+
+
+def int8_matmul_kernel() -> str:
+    """Route torchao's CPU int8 x int8 products through ``int8_mm_via_fp32`` where ``_int_mm`` is slow (the
+    same int32 results, tests/compression/test_quantization.py); returns which kernel int8 Linears use here.
+    torchao 0.18 imports ``int_scaled_matmul`` into its int8 tensor's module, so that name is replaced there;
+    if a later torchao moves it, nothing is patched and the reason is returned."""
+    if not slow_int_mm():
+        return "torch._int_mm"
+    import importlib
+
+    patched = []
+    for name in ("torchao.quantization.quantize_.workflows.int8.int8_tensor", "torchao.quantization.utils"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        fn = getattr(module, "int_scaled_matmul", None)
+        if fn is not None and not getattr(fn, "sr_exact_fp32", False):
+            module.int_scaled_matmul = _scaled_int8_mm(fn)
+        if fn is not None:
+            patched.append(name)
+    if not patched:
+        return "torch._int_mm (slow here: torchao's int_scaled_matmul was not found to route it through fp32)"
+    return "exact int8 products via fp32 matmul (no VNNI/AMX on this CPU)"
+
+
 # ---- the three int8 methods ---------------------------------------------------------------------------
 def dynamic_int8(model: nn.Module, backend: str = "torchao", quantize_classifier: bool = True) -> nn.Module:
     """Int8 weights, activations quantized per token at run time. Returns the (CPU) model."""
@@ -79,6 +140,7 @@ def dynamic_int8(model: nn.Module, backend: str = "torchao", quantize_classifier
     if backend == "torchao":
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
+        int8_matmul_kernel()
         quantize_(model, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False), filter_fn=keep)
         return model
     with quiet():
@@ -127,6 +189,7 @@ def static_int8(model: nn.Module, qparams: dict[str, tuple[torch.Tensor, torch.T
     from torchao.quantization.quant_primitives import MappingType
 
     model = model.to("cpu").eval()
+    int8_matmul_kernel()
     modules = dict(model.named_modules())
     for fqn, (scale, zero_point) in qparams.items():
         config = Int8StaticActivationInt8WeightConfig(
@@ -153,6 +216,7 @@ def convert_qat(model: nn.Module, quantize_classifier: bool = True) -> nn.Module
     from torchao.quantization.quant_primitives import MappingType
 
     model = model.to("cpu").eval()
+    int8_matmul_kernel()
     quantize_(model, QATConfig(step="convert"))
     config = Int8DynamicActivationInt8WeightConfig(act_mapping_type=MappingType.ASYMMETRIC, set_inductor_config=False)
     quantize_(model, config, filter_fn=linear_filter(quantize_classifier))
@@ -175,6 +239,9 @@ class _Int8(Compressor):
             **self._extra,
             "int8_linear_layers": sum(v in ("torch.int8", "torch.qint8") for v in linears.values()),
             "fp32_linear_layers": sorted(k for k, v in linears.items() if v not in ("torch.int8", "torch.qint8")),
+            # which kernel multiplies the int8 Linears (torch.ao's are fbgemm's; torchao's depend on the CPU)
+            "int8_matmul": int8_matmul_kernel() if "torch.int8" in linears.values() else
+            "fbgemm (torch.ao)" if "torch.qint8" in linears.values() else None,
         }
 
 

@@ -18,7 +18,11 @@ from subgroup_robustness.compression.quantization import (
     StaticInt8,
     calibrate,
     convert_qat,
+    EXACT_K,
+    _scaled_int8_mm,
     dynamic_int8,
+    int8_matmul_kernel,
+    int8_mm_via_fp32,
     prepare_qat,
     quantized_linears,
     static_int8,
@@ -119,6 +123,49 @@ def test_sq_calibrates_every_linear_and_stays_close():
     ref, out = logits(m, x), logits(q, x)
     assert (out - ref).abs().max() < 0.1 * ref.abs().max()
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_int8_products_via_fp32_slices_equal_torch_int_mm_bit_for_bit_where_one_fp32_product_cannot():
+    """127 x 127 = 16129 is odd: a sum of 2049 of them (33,048,321) lies above 2**25, where fp32 keeps only
+    multiples of 4, so one fp32 matrix product cannot give the int32 result; slices of <= 1024 can."""
+    g = torch.Generator().manual_seed(0)
+    for m, k, n in ((7, 384, 33), (64, 1536, 96), (5, 3 * EXACT_K + 1, 8)):
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+        b = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=g)
+        a[0], b[:, 0] = -128, -128  # the largest product, in every position of one output
+        assert torch.equal(int8_mm_via_fp32(a, b), torch._int_mm(a, b))
+    a, b = torch.full((8, 2049), 127, dtype=torch.int8), torch.full((2049, 8), 127, dtype=torch.int8)
+    exact = torch._int_mm(a, b)
+    assert int(exact[0, 0]) == 2049 * 127 * 127
+    assert not torch.equal((a.float() @ b.float()).to(torch.int32), exact)
+    assert torch.equal(int8_mm_via_fp32(a, b), exact)
+
+
+def test_torchao_int8_linears_give_identical_outputs_through_the_fp32_exact_products(monkeypatch):
+    """The route taken on CPUs without VNNI/AMX, forced here on any CPU: static and dynamic int8 models give the
+    same logits, bit for bit, as with torch._int_mm; the report says which kernel ran."""
+    import importlib
+
+    # (``import a.b as x`` would find torchao.quantization's function quantize_, not the package)
+    int8_tensor = importlib.import_module("torchao.quantization.quantize_.workflows.int8.int8_tensor")
+
+    m = tiny(hidden=64, inter=1536 * 2)  # the FFN's second Linear multiplies over K = 3072 > EXACT_K
+    qparams, _ = calibrate(copy.deepcopy(m), [batch(16, seed=s) for s in range(2)])
+    models = {"sq": static_int8(copy.deepcopy(m), qparams), "dq": dynamic_int8(copy.deepcopy(m), backend="torchao")}
+    x = batch(seed=3)
+    original = int8_tensor.int_scaled_matmul
+    if getattr(original, "sr_exact_fp32", False):  # already routed (this CPU has no VNNI): compare with torchao's
+        from torchao.kernel import int_scaled_matmul as original
+    monkeypatch.setattr(int8_tensor, "int_scaled_matmul", original)
+    ref = {k: logits(q, x) for k, q in models.items()}
+    calls = []
+    exact = _scaled_int8_mm(original)
+    monkeypatch.setattr(int8_tensor, "int_scaled_matmul", lambda *a: calls.append(a[0].shape) or exact(*a))
+    for k, q in models.items():
+        assert torch.equal(logits(q, x), ref[k]), k
+    assert len(calls) == 2 * (2 * 6 + 2)  # every int8 Linear of both models multiplied through it
+    assert any(shape[-1] > EXACT_K for shape in calls)
+    assert "fp32" in int8_matmul_kernel() or int8_matmul_kernel() == "torch._int_mm"
 
 
 def test_minmax_observer_scale_is_the_observed_range():
