@@ -102,9 +102,10 @@ def run(quick: bool = False, weights: str | None = None, compile: str | None = N
 
     dq = dynamic_int8(model)
     sq, calibration_examples = static_int8(model, ctx.data, 2 if quick else 16)
+    native = native_bf16()
     variants = {
         "fp32": (model, False),
-        **({"bf16 autocast": (model, True)} if native_bf16() else {}),
+        **({"bf16 autocast": (model, True)} if native else {}),
         "dq: torch.ao dynamic int8": (dq, False),
         "sq: static int8 (torchao, calibrated), eager": (sq, False),
         "torchao int8 dyn. act. + weight, eager": (torchao_int8(model), False),
@@ -148,7 +149,7 @@ def run(quick: bool = False, weights: str | None = None, compile: str | None = N
     notes.append(f"timed on the whole test split ({len(labels)} examples, batch 64, sorted by length), median of "
                  f"{repeats} passes after the pass that made the predictions; agreement and accuracy over the same "
                  f"examples; sq calibrated on {calibration_examples} training examples")
-    if not native_bf16():
+    if not native:
         notes.append(f"no bf16 autocast row: {NO_BF16}")
     if compile_s:
         notes.append("compile rows: cold inductor cache; the first call's compile time is reported separately "

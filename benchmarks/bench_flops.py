@@ -19,7 +19,8 @@ def run(quick: bool = False) -> dict:
     dtypes = ("fp32", "bf16") if native_bf16() else ("fp32",)
     peaks = {d: matmul_peak(d, seconds=0.05 if quick else 0.2, repeats=2 if quick else 5) for d in dtypes}
     rows = []
-    for dtype, precision in (("fp32", "32-true"), ("bf16", "bf16-mixed"))[:len(dtypes)]:
+    for dtype in dtypes:
+        precision = {"fp32": "32-true", "bf16": "bf16-mixed"}[dtype]
         clock = StepClock(warmup, windows, window)
         model = copy.deepcopy(ctx.model)
         plain_train(model, cycle(ctx.data.train_dataloader), clock, precision=precision, lr=float(cfg.module.lr))

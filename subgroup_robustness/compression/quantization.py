@@ -114,7 +114,7 @@ def int8_matmul_kernel() -> str:
         return "torch._int_mm"
     import importlib
 
-    patched = []
+    routed = False
     for name in ("torchao.quantization.quantize_.workflows.int8.int8_tensor", "torchao.quantization.utils"):
         try:
             module = importlib.import_module(name)
@@ -123,9 +123,8 @@ def int8_matmul_kernel() -> str:
         fn = getattr(module, "int_scaled_matmul", None)
         if fn is not None and not getattr(fn, "sr_exact_fp32", False):
             module.int_scaled_matmul = _scaled_int8_mm(fn)
-        if fn is not None:
-            patched.append(name)
-    if not patched:
+        routed = routed or fn is not None
+    if not routed:
         return "torch._int_mm (slow here: torchao's int_scaled_matmul was not found to route it through fp32)"
     return "exact int8 products via fp32 matmul (no VNNI/AMX on this CPU)"
 
